@@ -1,0 +1,183 @@
+"""Mamba (v1) block and the residual Mamba layer for 3D feature maps (MambaClinix §1, spec §1).
+
+:class:`Mamba` has the parameter names and shapes of ``mamba_ssm.Mamba`` (``in_proj``, ``conv1d``,
+``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``), so state dicts load both ways. It runs on any
+device: the selective scan and the causal conv1d go through :mod:`mambaclinix.ops`, which use the
+``mamba_ssm``/``causal_conv1d`` CUDA kernels only when they are installed and the tensors are on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambaclinix.ops.causal_conv1d import causal_conv1d
+from mambaclinix.ops.selective_scan import selective_scan
+
+__all__ = ["Mamba", "MambaLayer"]
+
+
+class Mamba(nn.Module):
+    """Selective state-space block (Gu & Dao, 2023), the v1 ``Mamba`` of ``mamba_ssm``.
+
+    ``[x, z] = in_proj(u)``; ``x = SiLU(causal_conv1d(x))``; ``[δ, B, C] = x_proj(x)``;
+    ``Δ = softplus(dt_proj(δ))``; ``y = S6(x; Δ, A, B, C) + D·x``; ``out = out_proj(y · SiLU(z))``.
+
+    Args:
+        d_model: token width ``C``.
+        d_state: state size ``N`` per channel.
+        d_conv: causal conv1d width.
+        expand: inner width ``E = expand · d_model``.
+        dt_rank: rank ``R`` of the Δ projection; ``"auto"`` is ``ceil(d_model / 16)``.
+        dt_min, dt_max, dt_init, dt_scale, dt_init_floor: Δ initialisation, as in ``mamba_ssm``
+            (bias = inverse softplus of a log-uniform Δ in ``[dt_min, dt_max]``, floored).
+        conv_bias: bias of the conv1d. bias: bias of ``in_proj``/``out_proj``.
+        scan_backend: selective-scan backend (``None`` = process default; see
+            :mod:`mambaclinix.ops.backend`).
+        conv_backend: causal-conv1d backend (``None``/``"auto"``, ``"torch"``, ``"cuda"``).
+
+    Shapes:
+        ``(B, L, d_model) -> (B, L, d_model)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        scan_backend: str | None = None,
+        conv_backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        if not isinstance(self.dt_rank, int) or self.dt_rank < 1:
+            raise ValueError(f"dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+        self.scan_backend, self.conv_backend = scan_backend, conv_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **fk)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias, **fk)  # fmt: skip
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **fk)
+
+        dt_init_std = self.dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        dt = torch.exp(
+            torch.rand(self.d_inner, **fk) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_dt)
+        self.dt_proj.bias._no_reinit = True
+
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(B, L, d_model) -> (B, L, d_model)``."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(
+                f"Mamba expects (batch, length, d_model={self.d_model}), got {tuple(hidden_states.shape)}"
+            )
+        batch, length, _ = hidden_states.shape
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
+        x, z = xz.chunk(2, dim=1)
+        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", self.conv_backend)
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, E, L); bias added inside the scan
+        A = -torch.exp(_fp32_or_wider(self.A_log))
+        y = selective_scan(
+            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), _fp32_or_wider(self.D), z=z,
+            delta_bias=_fp32_or_wider(self.dt_proj.bias), delta_softplus=True, backend=self.scan_backend,
+        )  # fmt: skip
+        return self.out_proj(y.transpose(1, 2))
+
+
+def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _no_autocast(device_type: str):
+    if device_type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class MambaLayer(nn.Module):
+    """Residual Mamba layer for 3D feature maps (MambaClinix §3.2; spec §1 "Residual Mamba layer").
+
+    ``X0 (B, C, D, H, W)`` is flattened to ``L = D·H·W`` tokens in row-major order (W fastest) and
+    ``Y = Linear(LN(Mamba(LN(tokens))))`` with one shared LayerNorm, reshaped back and added to ``X0``.
+    The layer always computes in float32 (float64 stays float64), also under autocast (the scan is
+    unstable in half precision), and returns its input's dtype.
+
+    Args:
+        dim: channels ``C``.
+        d_state, d_conv, expand, dt_rank: passed to :class:`Mamba`.
+        scan_backend: selective-scan backend (``None`` = process default).
+        conv_backend: causal-conv1d backend.
+
+    Shapes:
+        ``(B, C, *spatial) -> (B, C, *spatial)`` (any number of spatial dimensions).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        scan_backend: str | None = None,
+        conv_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.mamba = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
+                           scan_backend=scan_backend, conv_backend=conv_backend)  # fmt: skip
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3 or x.shape[1] != self.dim:
+            raise ValueError(f"MambaLayer expects (batch, channels={self.dim}, *spatial), got {tuple(x.shape)}")
+        with _no_autocast(x.device.type):
+            x32 = _fp32_or_wider(x)
+            tokens = x32.flatten(2).transpose(1, 2)  # (B, L, C), W fastest
+            y = self.proj(self.norm(self.mamba(self.norm(tokens))))
+            out = y.transpose(1, 2).reshape(x32.shape) + x32
+        return out.to(x.dtype)

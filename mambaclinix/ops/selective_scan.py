@@ -1,0 +1,234 @@
+"""The selective scan of Mamba (S6), with one signature and several implementations.
+
+``selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+return_last_state=False, backend=None, chunk=64)`` follows ``mamba_ssm.ops.selective_scan_interface.
+selective_scan_fn``:
+
+- ``u``, ``delta``: ``(B, E, L)``; ``A``: ``(E, N)`` (real, normally negative); ``B``, ``C``: ``(B, N, L)``
+  (input-dependent); ``D``: ``(E,)``; ``z``: ``(B, E, L)``; ``delta_bias``: ``(E,)``.
+- ``Δ = softplus(delta + delta_bias)`` if ``delta_softplus`` else ``delta + delta_bias``;
+  ``h_t = exp(Δ_t·A) ⊙ h_{t-1} + Δ_t·B_t·u_t`` (``h_{-1} = 0``, ``h`` is ``(B, E, N)``);
+  ``y_t = C_t·h_t + D ⊙ u_t``; ``out = y ⊙ SiLU(z)`` if ``z`` is given.
+- Returns ``out`` ``(B, E, L)`` in ``u``'s dtype, and with ``return_last_state`` also ``h_{L-1}``
+  ``(B, E, N)`` in float32 (float64 for float64 inputs). Half-precision inputs are computed in float32.
+
+:func:`selective_scan_ref` is the sequential reference the tests trust. See :mod:`mambaclinix.ops.backend`
+for how the fast implementation is chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mambaclinix.ops.backend import resolve_backend
+
+__all__ = ["selective_scan", "selective_scan_ref"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, channels, length), got shape {tuple(u.shape)}")
+    nb, E, L = u.shape
+    if L < 1:
+        raise ValueError(f"u must have a sequence length >= 1, got shape {tuple(u.shape)}")
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != E:
+        raise ValueError(f"A must be (channels={E}, d_state), got shape {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.shape != (nb, N, L):
+            raise ValueError(
+                f"{name} must be (batch, d_state, length) = {(nb, N, L)}, got shape {tuple(t.shape)}"
+            )
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (E,):
+            raise ValueError(f"{name} must be (channels,) = ({E},), got shape {tuple(t.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
+    """Sequential reference: one line of recurrence per time step, autograd for the backward.
+
+    Short and obviously correct; memory grows as ``B·E·N·L`` when gradients are needed. Same arguments
+    and returns as :func:`selective_scan`.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    dtype_in, ct = u.dtype, _compute_dtype(u.dtype)
+    u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h = u.new_zeros(u.shape[0], A.shape[0], A.shape[1])
+    ys = []
+    for d_t, u_t, b_t, c_t in zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1), strict=True):
+        h = torch.exp(d_t[..., None] * A) * h + (d_t * u_t)[..., None] * b_t[:, None, :]
+        ys.append((h * c_t[:, None, :]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    y = y.to(dtype_in)
+    return (y, h) if return_last_state else y
+
+
+# --------------------------------------------------------------------------------------------------
+# "chunked": the loop in PyTorch, with the state checkpointed every `chunk` steps (any device).
+
+
+def _chunk_segment(h, u, delta, A, B, C):
+    """``chunk`` steps of the recurrence; decay and input terms computed for the whole segment at once."""
+    dA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, E, T, N)
+    dBu = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, E, T, N)
+    hs = []
+    for a_t, x_t in zip(dA.unbind(2), dBu.unbind(2), strict=True):
+        h = a_t * h + x_t
+        hs.append(h)
+    y = torch.einsum("betn,bnt->bet", torch.stack(hs, dim=2), C)
+    return y, h
+
+
+def _core_chunked(u, delta, A, B, C, chunk):
+    nb, E, L = u.shape
+    h = u.new_zeros(nb, E, A.shape[1])
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
+    ys = []
+    for t0 in range(0, L, chunk):
+        sl = slice(t0, t0 + chunk)
+        args = (h, u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl])
+        y, h = checkpoint(_chunk_segment, *args, use_reentrant=False) if track else _chunk_segment(*args)
+        ys.append(y)
+    return torch.cat(ys, dim=-1), h
+
+
+# --------------------------------------------------------------------------------------------------
+# "numba": fused CPU kernel with a hand-written backward.
+
+
+def _time_major(x, width: int, value: float = 0.0):
+    """``(b, E, L)`` -> contiguous ``(b, L, width)``, padding channels with ``value``."""
+    x = x.detach().transpose(-1, -2)
+    return F.pad(x, (0, width - x.shape[-1]), value=value).contiguous()
+
+
+class _NumbaScan(torch.autograd.Function):
+    """Fused CPU kernel; inputs are laid out time-major with channels padded to the kernel's lane width."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, chunk: int):
+        from mambaclinix.ops import _scan_numba as k
+
+        k.set_threads(torch.get_num_threads())
+        nb, E, L = u.shape
+        N = A.shape[1]
+        Ep = -(-E // k.LANES) * k.LANES
+        uT, dT = _time_major(u, Ep), _time_major(delta, Ep)
+        AT = _time_major(A[None], Ep, value=-1.0)[0]  # (N, Ep)
+        Bt, Ct = B.detach().transpose(1, 2).contiguous(), C.detach().transpose(1, 2).contiguous()
+        y = u.new_empty(nb, L, Ep)
+        hs = u.new_empty(nb, -(-L // chunk), N, Ep)
+        last = u.new_empty(nb, N, Ep)
+        k.scan_fwd(uT.numpy(), dT.numpy(), AT.numpy(), Bt.numpy(), Ct.numpy(), chunk,
+                   y.numpy(), hs.numpy(), last.numpy())  # fmt: skip
+        ctx.save_for_backward(uT, dT, AT, Bt, Ct, hs)
+        ctx.chunk, ctx.E = chunk, E
+        return y[..., :E].transpose(1, 2), last[..., :E].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        from mambaclinix.ops import _scan_numba as k
+
+        uT, dT, AT, Bt, Ct, hs = ctx.saved_tensors
+        nb, L, Ep = uT.shape
+        N, E = AT.shape[0], ctx.E
+        threads = torch.get_num_threads()
+        k.set_threads(threads)
+        groups = max(1, min(Ep // k.LANES, -(-2 * threads // nb)))
+        dyT = uT.new_zeros(uT.shape) if dy is None else _time_major(dy.to(uT.dtype), Ep)
+        dlastT = uT.new_zeros(nb, N, Ep) if dlast is None else _time_major(dlast.to(uT.dtype), Ep)
+        du, ddelta = torch.empty_like(uT), torch.empty_like(uT)
+        dA = torch.empty(nb, N, Ep, dtype=torch.float64)
+        dB = uT.new_zeros(groups, nb, L, N)
+        dC = uT.new_zeros(groups, nb, L, N)
+        k.scan_bwd(uT.numpy(), dT.numpy(), AT.numpy(), Bt.numpy(), Ct.numpy(), ctx.chunk, hs.numpy(),
+                   dyT.numpy(), dlastT.numpy(), groups, du.numpy(), ddelta.numpy(), dA.numpy(),
+                   dB.numpy(), dC.numpy())  # fmt: skip
+        dt = uT.dtype
+        dB = dB.sum(0, dtype=torch.float64).to(dt).transpose(1, 2)
+        dC = dC.sum(0, dtype=torch.float64).to(dt).transpose(1, 2)
+        dA = dA.sum(0)[:, :E].t().to(dt)
+        return du[..., :E].transpose(1, 2), ddelta[..., :E].transpose(1, 2), dA, dB, dC, None
+
+
+def _core_numba(u, delta, A, B, C, chunk):
+    return _NumbaScan.apply(u, delta, A, B, C, chunk)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    backend: str | None = None,
+    chunk: int = 64,
+):
+    """Selective scan ``y = S6(u; Δ, A, B, C) + D·u``, optionally gated by ``SiLU(z)``.
+
+    Args:
+        u: ``(B, E, L)`` input. delta: ``(B, E, L)`` step sizes before bias/softplus.
+        A: ``(E, N)`` state matrix (diagonal per channel). B, C: ``(B, N, L)``.
+        D: ``(E,)`` skip. z: ``(B, E, L)`` gate. delta_bias: ``(E,)``.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        return_last_state: also return the final state ``(B, E, N)``.
+        backend: ``None`` (process default), ``"auto"``, ``"reference"``, ``"chunked"``, ``"numba"`` or
+            ``"cuda"``; see :mod:`mambaclinix.ops.backend`.
+        chunk: state checkpoint interval of the ``"chunked"`` and ``"numba"`` backends; memory is
+            ``O(B·E·N·L / chunk + B·E·N·chunk)``.
+
+    Returns:
+        ``out`` ``(B, E, L)``, or ``(out, last_state)`` with ``return_last_state``.
+    """
+    name = resolve_backend(backend, u.device)
+    if name == "reference":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "cuda":
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    dtype_in, ct = u.dtype, _compute_dtype(u.dtype)
+    u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    core = _core_numba if name == "numba" else _core_chunked
+    y, last = core(u, delta, A, B, C, chunk)
+    if D is not None:
+        y = y + u * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    y = y.to(dtype_in)
+    return (y, last) if return_last_state else y
