@@ -1,0 +1,283 @@
+"""Convolutional building blocks of the MambaClinix U-Net, and the conv/norm/act factories they share.
+
+Every block is channels first, then ``spatial_dims`` (3, or 2 for slices), then the injected choices:
+``norm_layer`` (a callable ``channels -> nn.Module``) and ``act_layer`` (a callable ``() -> nn.Module``).
+Defaults follow the paper (spec §1): InstanceNorm(eps 1e-5, affine), LeakyReLU(0.01), conv bias on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "NormFactory",
+    "ActFactory",
+    "to_tuple",
+    "same_padding",
+    "conv_type",
+    "make_conv",
+    "pool_type",
+    "get_norm_layer",
+    "get_act_layer",
+    "ConvNormAct",
+    "BasicBlockD",
+    "DecoderResBlock",
+    "UpsampleConv",
+]
+
+NormFactory = Callable[[int], nn.Module]
+ActFactory = Callable[[], nn.Module]
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+_POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def _check_dims(spatial_dims: int) -> int:
+    if spatial_dims not in _CONV:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return spatial_dims
+
+
+def to_tuple(value: int | Sequence[int], spatial_dims: int, name: str = "value") -> tuple[int, ...]:
+    """Broadcast an int to ``spatial_dims`` ints, or check a sequence has one positive int per axis.
+
+    Raises:
+        ValueError: wrong length, non-integer or non-positive entries (the message names ``name``).
+    """
+    _check_dims(spatial_dims)
+    items = (value,) * spatial_dims if isinstance(value, int) else tuple(value)
+    if len(items) != spatial_dims or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"{name} must be an int or {spatial_dims} ints, got {value!r}")
+    if any(v < 1 for v in items):
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return items
+
+
+def same_padding(kernel_size: Sequence[int], name: str = "kernel_size") -> tuple[int, ...]:
+    """Symmetric "same" padding ``k // 2`` per axis; kernels must be odd so it is exact at any stride."""
+    if any(k % 2 == 0 for k in kernel_size):
+        raise ValueError(f"{name} must be odd on every axis, got {tuple(kernel_size)}")
+    return tuple(k // 2 for k in kernel_size)
+
+
+def conv_type(spatial_dims: int) -> type[nn.Module]:
+    """``nn.Conv3d`` or ``nn.Conv2d``."""
+    return _CONV[_check_dims(spatial_dims)]
+
+
+def pool_type(spatial_dims: int) -> type[nn.Module]:
+    """``nn.AvgPool3d`` or ``nn.AvgPool2d``."""
+    return _POOL[_check_dims(spatial_dims)]
+
+
+def get_norm_layer(spatial_dims: int = 3, eps: float = 1e-5) -> NormFactory:
+    """Factory ``channels -> InstanceNorm{2,3}d(channels, eps, affine=True)`` (the paper's norm)."""
+    return functools.partial(_NORM[_check_dims(spatial_dims)], eps=eps, affine=True)
+
+
+def get_act_layer(negative_slope: float = 0.01, inplace: bool = True) -> ActFactory:
+    """Factory ``() -> LeakyReLU(negative_slope)`` (the paper's activation)."""
+    return functools.partial(nn.LeakyReLU, negative_slope=negative_slope, inplace=inplace)
+
+
+def make_conv(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int] | int = 1,
+    stride: Sequence[int] | int = 1,
+    bias: bool = True,
+    groups: int = 1,
+) -> nn.Module:
+    """Conv{2,3}d with "same" padding (``k // 2``, odd kernels), so the output is ``ceil(S / stride)``."""
+    kernel = to_tuple(kernel_size, spatial_dims, "kernel_size")
+    stride = to_tuple(stride, spatial_dims, "stride")
+    return conv_type(spatial_dims)(
+        in_channels,
+        out_channels,
+        kernel,
+        stride=stride,
+        padding=same_padding(kernel),
+        bias=bias,
+        groups=groups,
+    )
+
+
+class ConvNormAct(nn.Module):
+    """Conv → norm → activation; the stem of the encoder (spec §1, "Encoder" 1).
+
+    Args:
+        in_channels: Input channels.
+        out_channels: Output channels.
+        spatial_dims: 3 (volumes) or 2.
+        kernel_size: Odd kernel, an int or one per axis (e.g. ``(1, 3, 3)``).
+        stride: Stride, an int or one per axis.
+        norm_layer: ``channels -> module``; default InstanceNorm(eps 1e-5, affine).
+        act_layer: ``() -> module``; default LeakyReLU(0.01).
+
+    Shape:
+        ``(B, in_channels, *S)`` → ``(B, out_channels, *ceil(S / stride))``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        spatial_dims: int = 3,
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        norm_layer: NormFactory | None = None,
+        act_layer: ActFactory | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or get_norm_layer(spatial_dims)
+        act_layer = act_layer or get_act_layer()
+        self.conv = make_conv(spatial_dims, in_channels, out_channels, kernel_size, stride)
+        self.norm = norm_layer(out_channels)
+        self.act = act_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class BasicBlockD(nn.Module):
+    """ResNet-D basic block (He et al. 2019, "Bag of tricks"), the first layer of every encoder stage.
+
+    Main path: Conv(k, stride) → norm → act → Conv(k) → norm. Shortcut: AvgPool(stride) if strided, then
+    1×1 conv (no bias) → norm if the channel count changes, else identity. Output: act(main + shortcut)
+    (spec §1, "Encoder" 2). The pool uses ``ceil_mode`` so the shortcut matches the strided conv
+    (``ceil(S / stride)``) on any input size.
+
+    Args:
+        in_channels: Input channels.
+        out_channels: Output channels.
+        spatial_dims: 3 or 2.
+        kernel_size: Odd kernel, an int or one per axis.
+        stride: Stride of the first conv and of the shortcut pool, an int or one per axis.
+        norm_layer: ``channels -> module``; default InstanceNorm(eps 1e-5, affine).
+        act_layer: ``() -> module``; default LeakyReLU(0.01).
+
+    Shape:
+        ``(B, in_channels, *S)`` → ``(B, out_channels, *ceil(S / stride))``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        spatial_dims: int = 3,
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        norm_layer: NormFactory | None = None,
+        act_layer: ActFactory | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or get_norm_layer(spatial_dims)
+        act_layer = act_layer or get_act_layer()
+        stride = to_tuple(stride, spatial_dims, "stride")
+        self.conv1 = make_conv(spatial_dims, in_channels, out_channels, kernel_size, stride)
+        self.norm1 = norm_layer(out_channels)
+        self.act1 = act_layer()
+        self.conv2 = make_conv(spatial_dims, out_channels, out_channels, kernel_size)
+        self.norm2 = norm_layer(out_channels)
+        shortcut: list[nn.Module] = []
+        if any(s != 1 for s in stride):
+            shortcut.append(pool_type(spatial_dims)(stride, stride, ceil_mode=True, count_include_pad=False))
+        if in_channels != out_channels:
+            shortcut += [
+                make_conv(spatial_dims, in_channels, out_channels, 1, bias=False),
+                norm_layer(out_channels),
+            ]
+        self.shortcut = nn.Sequential(*shortcut) if shortcut else nn.Identity()
+        self.act = act_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
+        return self.act(out + self.shortcut(x))
+
+
+class DecoderResBlock(nn.Module):
+    """Residual block of a decoder level, applied to the concatenation ``[up, skip]`` (spec §1, "Decoder" 2).
+
+    Main path: Conv(k) → norm → act → Conv(k) → norm; shortcut: 1×1 conv with bias (identity if the
+    channel counts are equal); output act(main + shortcut).
+
+    Args:
+        in_channels: Input channels (``2 C_t`` in the U-Net).
+        out_channels: Output channels (``C_t``).
+        spatial_dims: 3 or 2.
+        kernel_size: Odd kernel, an int or one per axis.
+        norm_layer: ``channels -> module``; default InstanceNorm(eps 1e-5, affine).
+        act_layer: ``() -> module``; default LeakyReLU(0.01).
+
+    Shape:
+        ``(B, in_channels, *S)`` → ``(B, out_channels, *S)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        spatial_dims: int = 3,
+        kernel_size: int | Sequence[int] = 3,
+        norm_layer: NormFactory | None = None,
+        act_layer: ActFactory | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or get_norm_layer(spatial_dims)
+        act_layer = act_layer or get_act_layer()
+        self.conv1 = make_conv(spatial_dims, in_channels, out_channels, kernel_size)
+        self.norm1 = norm_layer(out_channels)
+        self.act1 = act_layer()
+        self.conv2 = make_conv(spatial_dims, out_channels, out_channels, kernel_size)
+        self.norm2 = norm_layer(out_channels)
+        self.shortcut = (
+            make_conv(spatial_dims, in_channels, out_channels, 1)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
+        self.act = act_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
+        return self.act(out + self.shortcut(x))
+
+
+class UpsampleConv(nn.Module):
+    """Nearest-neighbour upsampling by ``scale_factor``, then a 1×1 conv with bias (spec §1, "Decoder" 2).
+
+    Args:
+        in_channels: Input channels (``C_{t+1}``).
+        out_channels: Output channels (``C_t``).
+        scale_factor: Integer factor per axis (the stride of the coarser stage), or one int for all.
+        spatial_dims: 3 or 2.
+
+    Shape:
+        ``(B, in_channels, *S)`` → ``(B, out_channels, *(S * scale_factor))``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        scale_factor: int | Sequence[int] = 2,
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        self.scale_factor = to_tuple(scale_factor, spatial_dims, "scale_factor")
+        self.conv = make_conv(spatial_dims, in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(f != 1 for f in self.scale_factor):
+            size = [s * f for s, f in zip(x.shape[2:], self.scale_factor, strict=True)]
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={self.scale_factor}"

@@ -1,0 +1,58 @@
+"""Channel LayerNorm for channels-first tensors of any spatial dimensionality."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["LayerNormChannels", "ChannelLayerNorm"]
+
+
+class LayerNormChannels(nn.Module):
+    """LayerNorm over the channel axis of a channels-first tensor.
+
+    Every voxel is normalised over its ``C`` channels (biased variance), then a per-channel affine
+    ``weight * x + bias`` is applied. This is the "channel LayerNorm" of the HGCN block and of the junction
+    before the last HGCN stage (MambaClinix §3.2, spec §1); it equals ``F.layer_norm`` on the tensor
+    permuted to channels-last, without the two permutes.
+
+    Args:
+        num_channels: Number of channels ``C``.
+        eps: Added to the variance before the square root.
+        affine: Learn the per-channel ``weight`` (init 1) and ``bias`` (init 0).
+
+    Shape:
+        Input and output: ``(B, C, *spatial)`` with any number of spatial axes (also ``(B, C)``).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.num_channels = num_channels
+        self.eps = eps
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels))
+            self.bias = nn.Parameter(torch.zeros(num_channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"expected input (B, {self.num_channels}, *spatial), got shape {tuple(x.shape)}")
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            view = (1, -1) + (1,) * (x.dim() - 2)
+            x = x * self.weight.view(view) + self.bias.view(view)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
+
+
+ChannelLayerNorm = LayerNormChannels
