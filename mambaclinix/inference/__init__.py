@@ -1,0 +1,30 @@
+"""Inference: Gaussian sliding-window prediction and writing label maps with the input's geometry.
+
+Paper §3 (Bian et al., arXiv:2409.12533): sliding window with 50% overlap, Gaussian weighting
+(σ = patch/8), optional mirror test-time augmentation; predictions keep the input image's geometry.
+
+:mod:`mambaclinix.inference.sliding_window` depends on torch only; :mod:`mambaclinix.inference.writer`
+imports nibabel / SimpleITK lazily, when a file is read or written.
+"""
+
+from mambaclinix.inference.sliding_window import (
+    gaussian_importance_map,
+    sliding_window_inference,
+    window_slices,
+)
+from mambaclinix.inference.writer import (
+    SUPPORTED_EXTENSIONS,
+    ImageGeometry,
+    read_image_geometry,
+    write_segmentation,
+)
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "ImageGeometry",
+    "gaussian_importance_map",
+    "read_image_geometry",
+    "sliding_window_inference",
+    "window_slices",
+    "write_segmentation",
+]
