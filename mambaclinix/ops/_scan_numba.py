@@ -133,7 +133,7 @@ def scan_bwd(u, delta, A, Bt, Ct, chunk, hs, dy, dlast, groups, du, ddelta, dA, 
         dy: ``(b, L, E)`` gradient of the output. dlast: ``(b, N, E)`` gradient of the final state.
         groups: number of channel groups ``P``; each parallel task owns one ``(batch, group)`` pair.
         du, ddelta: out ``(b, L, E)``. dA: out ``(b, N, E)`` float64 (the caller sums over b).
-        dB_part, dC_part: out ``(P, b, L, N)``, zero-initialised (the caller sums over P).
+        dB_part, dC_part: out ``(P, b, L, N)`` (the caller sums over P).
     """
     nb, L, E = u.shape
     N = A.shape[0]
@@ -143,23 +143,33 @@ def scan_bwd(u, delta, A, Bt, Ct, chunk, hs, dy, dlast, groups, du, ddelta, dA, 
     for task in prange(nb * groups):
         b = task // groups
         p = task % groups
+        blk0, blk1 = p * per, min(nblk, (p + 1) * per)
+        nown = max(0, blk1 - blk0)
         Bb, Cb, dBp, dCp = Bt[b], Ct[b], dB_part[p, b], dC_part[p, b]
         hbuf = np.empty((chunk + 1, N, LANES), dtype=A.dtype)
         abuf = np.empty((chunk, N, LANES), dtype=A.dtype)
-        dh = np.empty((N, LANES), dtype=A.dtype)
+        # dB/dC contributions of this task's channel blocks, summed over blocks lane-wise and reduced
+        # across lanes once per chunk (not once per block).
+        vB = np.empty((chunk, N, LANES), dtype=A.dtype)
+        vC = np.empty((chunk, N, LANES), dtype=A.dtype)
+        dh = np.empty((nown, N, LANES), dtype=A.dtype)  # state gradients carried across chunks
+        dAacc = np.zeros((nown, N, LANES), dtype=np.float64)
         dAc = np.empty((N, LANES), dtype=A.dtype)  # per-chunk partial sums of dA
-        dAacc = np.empty((N, LANES), dtype=np.float64)
+        a = np.empty((N, LANES), dtype=A.dtype)
         dux = np.empty(LANES, dtype=A.dtype)
         sd = np.empty(LANES, dtype=A.dtype)
         su = np.empty(LANES, dtype=A.dtype)
-        for blk in range(p * per, min(nblk, (p + 1) * per)):
-            e0 = blk * LANES
-            a = A[:, e0 : e0 + LANES].copy()
-            dh[:, :] = dlast[b, :, e0 : e0 + LANES]
-            dAacc[:, :] = 0.0
-            for k in range(nchunks - 1, -1, -1):
-                t0 = k * chunk
-                t1 = min(L, t0 + chunk)
+        for i in range(nown):
+            e0 = (blk0 + i) * LANES
+            dh[i] = dlast[b, :, e0 : e0 + LANES]
+        for k in range(nchunks - 1, -1, -1):
+            t0 = k * chunk
+            t1 = min(L, t0 + chunk)
+            vB[:, :, :] = 0.0
+            vC[:, :, :] = 0.0
+            for i in range(nown):
+                e0 = (blk0 + i) * LANES
+                a[:, :] = A[:, e0 : e0 + LANES]
                 # Recompute the states of this chunk from its checkpoint.
                 hbuf[0] = hs[b, k, :, e0 : e0 + LANES]
                 for t in range(t0, t1):
@@ -178,12 +188,13 @@ def scan_bwd(u, delta, A, Bt, Ct, chunk, hs, dy, dlast, groups, du, ddelta, dA, 
                             hx[lane] = da * hp[lane] + dux[lane] * bn
                 # Back-propagate through it.
                 dAc[:, :] = 0.0
+                dhi = dh[i]
                 for t in range(t1 - 1, t0 - 1, -1):
                     j = t - t0
                     g = dy[b, t, e0 : e0 + LANES]
                     d = delta[b, t, e0 : e0 + LANES]
                     ut = u[b, t, e0 : e0 + LANES]
-                    brow, crow, dbrow, dcrow = Bb[t], Cb[t], dBp[t], dCp[t]
+                    brow, crow = Bb[t], Cb[t]
                     for lane in range(LANES):
                         sd[lane] = 0.0
                         su[lane] = 0.0
@@ -191,25 +202,28 @@ def scan_bwd(u, delta, A, Bt, Ct, chunk, hs, dy, dlast, groups, du, ddelta, dA, 
                     for n in range(N):
                         bn, cn = brow[n], crow[n]
                         an, hp, hc, ar = a[n], hbuf[j, n], hbuf[j + 1, n], abuf[j, n]
-                        dhn, dAn = dh[n], dAc[n]
-                        sc = zero_like(an)
-                        sb = zero_like(an)
+                        dhn, dAn, vbn, vcn = dhi[n], dAc[n], vB[j, n], vC[j, n]
                         for lane in range(LANES):
                             gh = dhn[lane] + g[lane] * cn
-                            sc += g[lane] * hc[lane]
+                            vcn[lane] += g[lane] * hc[lane]
                             hpa = hp[lane] * ar[lane]
                             sd[lane] += gh * hpa * an[lane]
                             su[lane] += gh * bn
-                            sb += gh * dux[lane]
+                            vbn[lane] += gh * dux[lane]
                             dAn[lane] += gh * hpa * d[lane]
                             dhn[lane] = gh * ar[lane]
-                        dcrow[n] += sc
-                        dbrow[n] += sb
                     for lane in range(LANES):
                         ddelta[b, t, e0 + lane] = sd[lane] + su[lane] * ut[lane]
                         du[b, t, e0 + lane] = su[lane] * d[lane]
-                dAacc += dAc
-            dA[b, :, e0 : e0 + LANES] = dAacc
+                dAacc[i] += dAc
+            for t in range(t0, t1):
+                j = t - t0
+                for n in range(N):
+                    dBp[t, n] = vB[j, n].sum()
+                    dCp[t, n] = vC[j, n].sum()
+        for i in range(nown):
+            e0 = (blk0 + i) * LANES
+            dA[b, :, e0 : e0 + LANES] = dAacc[i]
 
 def set_threads(n: int) -> None:
     """Use ``n`` numba worker threads (clamped to numba's pool size)."""

@@ -159,8 +159,8 @@ class _NumbaScan(torch.autograd.Function):
         dlastT = uT.new_zeros(nb, N, Ep) if dlast is None else _time_major(dlast.to(uT.dtype), Ep)
         du, ddelta = torch.empty_like(uT), torch.empty_like(uT)
         dA = torch.empty(nb, N, Ep, dtype=torch.float64)
-        dB = uT.new_zeros(groups, nb, L, N)
-        dC = uT.new_zeros(groups, nb, L, N)
+        dB = uT.new_empty(groups, nb, L, N)
+        dC = uT.new_empty(groups, nb, L, N)
         k.scan_bwd(uT.numpy(), dT.numpy(), AT.numpy(), Bt.numpy(), Ct.numpy(), ctx.chunk, hs.numpy(),
                    dyT.numpy(), dlastT.numpy(), groups, du.numpy(), ddelta.numpy(), dA.numpy(),
                    dB.numpy(), dC.numpy())  # fmt: skip
