@@ -73,13 +73,24 @@ def measure_one(args) -> dict:
 
 
 def run_child(args, backend, L, memory: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--device", args.device, "--backend", backend, "--L", str(L),
-           "--batch", str(args.batch), "--E", str(args.E), "--N", str(args.N), "--repeats", str(args.repeats)]  # fmt: skip
+    cmd = [sys.executable, __file__, "--child", "--device", args.device, "--backend", backend, "--L", str(L)]
+    cmd += [
+        "--batch",
+        str(args.batch),
+        "--E",
+        str(args.E),
+        "--N",
+        str(args.N),
+        "--repeats",
+        str(args.repeats),
+    ]
     if memory:
         cmd.append("--memory")
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
+        return {
+            "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
+        }
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -147,7 +158,8 @@ def main(argv=None):
 def format_table(rows) -> str:
     ref = {r["L"]: r for r in rows if r["backend"] == "reference" and "fwd_s" in r}
     lines = [
-        "| L | backend | fwd (ms) | fwd+bwd (ms) | fwd+bwd speed-up vs reference | peak MiB (fwd+bwd) | memory vs reference |",
+        "| L | backend | fwd (ms) | fwd+bwd (ms) | fwd+bwd speed-up vs reference | peak MiB (fwd+bwd) "
+        "| memory vs reference |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

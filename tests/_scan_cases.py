@@ -3,7 +3,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 OPTIONS = {
     "plain": {},
@@ -40,7 +39,14 @@ def make_inputs(L, option, regime, dtype=torch.float64, batch=2, E=20, N=8, devi
         kw["D"] = 1.0 + 0.1 * rnd(E)
     if opts.get("z"):
         kw["z"] = rnd(batch, E, L)
-    tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, **{k: v for k, v in kw.items() if k != "delta_softplus"}}
+    tensors = {
+        "u": u,
+        "delta": delta,
+        "A": A,
+        "B": B,
+        "C": C,
+        **{k: v for k, v in kw.items() if k != "delta_softplus"},
+    }
     tensors = {k: v.to(device=device, dtype=dtype).requires_grad_() for k, v in tensors.items()}
     return tensors, bool(kw.get("delta_softplus", False))
 
@@ -60,5 +66,3 @@ def rel_err(a, b):
 
 def fresh(tensors, dtype):
     return {k: v.detach().to(dtype).requires_grad_() for k, v in tensors.items()}
-
-

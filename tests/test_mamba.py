@@ -52,7 +52,9 @@ def _independent_mamba_forward(m: Mamba, hidden):
     x_dbl = x.transpose(1, 2) @ m.x_proj.weight.t()
     dt, B, C = x_dbl.split([m.dt_rank, m.d_state, m.d_state], dim=-1)
     delta = F.softplus(dt @ m.dt_proj.weight.t() + m.dt_proj.bias).transpose(1, 2)
-    y = selective_scan_ref(x, delta, -torch.exp(m.A_log), B.transpose(1, 2), C.transpose(1, 2), m.D, z.transpose(1, 2))
+    y = selective_scan_ref(
+        x, delta, -torch.exp(m.A_log), B.transpose(1, 2), C.transpose(1, 2), m.D, z.transpose(1, 2)
+    )
     return y.transpose(1, 2) @ m.out_proj.weight.t()
 
 

@@ -25,7 +25,9 @@ def test_matches_reference_values_and_gradients(activation, width):
     out = causal_conv1d(x, w, b, activation, backend="torch")
     ref = causal_conv1d_ref(x, w, b, activation)
     torch.testing.assert_close(out, ref)
-    for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g), strict=True):
+    for a, r in zip(
+        torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g), strict=True
+    ):
         torch.testing.assert_close(a, r)
 
 

@@ -19,7 +19,9 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 @functools.cache
 def _reference(L, option, regime):
     tensors, softplus = make_inputs(L, option, regime)
-    grad_out = torch.randn(tensors["u"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(
+        tensors["u"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     out, grads = run(selective_scan_ref, tensors, softplus, grad_out)
     return tensors, softplus, grad_out, out, grads
 
@@ -114,7 +116,9 @@ def test_long_sequence_numba_matches_chunked_float64():
     # L = 32768 with a small width: the numba kernel keeps only every chunk-th state.
     tensors, softplus = make_inputs(32768, "all", "init", batch=1, E=16, N=4)
     g = torch.randn(tensors["u"].shape, dtype=torch.float64)
-    out0, grads0 = run(selective_scan, fresh(tensors, torch.float64), softplus, g, backend="chunked", chunk=512)
+    out0, grads0 = run(
+        selective_scan, fresh(tensors, torch.float64), softplus, g, backend="chunked", chunk=512
+    )
     out1, grads1 = run(selective_scan, fresh(tensors, torch.float32), softplus, g, backend="numba")
     assert rel_err(out1, out0) < 1e-5
     for name in grads0:

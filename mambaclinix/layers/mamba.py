@@ -174,7 +174,9 @@ class MambaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 3 or x.shape[1] != self.dim:
-            raise ValueError(f"MambaLayer expects (batch, channels={self.dim}, *spatial), got {tuple(x.shape)}")
+            raise ValueError(
+                f"MambaLayer expects (batch, channels={self.dim}, *spatial), got {tuple(x.shape)}"
+            )
         with _no_autocast(x.device.type):
             x32 = _fp32_or_wider(x)
             tokens = x32.flatten(2).transpose(1, 2)  # (B, L, C), W fastest

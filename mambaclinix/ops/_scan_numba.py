@@ -125,7 +125,9 @@ def scan_fwd(u, delta, A, Bt, Ct, chunk, y, hs, last):  # pragma: no cover - com
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-def scan_bwd(u, delta, A, Bt, Ct, chunk, hs, dy, dlast, groups, du, ddelta, dA, dB_part, dC_part):  # pragma: no cover
+def scan_bwd(
+    u, delta, A, Bt, Ct, chunk, hs, dy, dlast, groups, du, ddelta, dA, dB_part, dC_part
+):  # pragma: no cover
     """Backward pass with per-chunk recomputation, vectorised over blocks of ``LANES`` channels.
 
     Args:
@@ -224,6 +226,7 @@ def scan_bwd(u, delta, A, Bt, Ct, chunk, hs, dy, dlast, groups, du, ddelta, dA, 
         for i in range(nown):
             e0 = (blk0 + i) * LANES
             dA[b, :, e0 : e0 + LANES] = dAacc[i]
+
 
 def set_threads(n: int) -> None:
     """Use ``n`` numba worker threads (clamped to numba's pool size)."""

@@ -47,7 +47,7 @@ def _check_name(name: str, what: str) -> str:
 
 
 def set_default_backend(name: str | None) -> None:
-    """Set the process-wide backend used where ``backend=None``; ``None`` restores the environment/auto rule."""
+    """Set the process-wide backend used where ``backend=None``; ``None`` restores the env/auto rule."""
     global _default_backend
     _default_backend = None if name is None else _check_name(name, "backend")
 
