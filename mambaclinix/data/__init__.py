@@ -1,0 +1,55 @@
+"""Data: the embedded demo dataset (and, later, the TorchIO data pipeline).
+
+:func:`build_demo_dataset` writes a brain-MRI tissue-segmentation dataset (CSF / GM / WM) in the Medical
+Segmentation Decathlon / nnU-Net v2 raw layout from the MNI ICBM152 2009a template shipped inside
+``nilearn`` (``pip install "mambaclinix[demo]"``); :func:`kmeans_tissue_baseline` is the intensity-only
+baseline a trained network must beat. See :mod:`mambaclinix.data.demo` and ``docs/demo_data.md``.
+
+The TorchIO data pipeline (``docs/data.md``): :class:`SegmentationDataModule` (Lightning), the dataset
+readers of :mod:`mambaclinix.data.datasets` (:func:`read_decathlon`, :func:`read_manifest`, :class:`Case`),
+the preprocessing cache and :func:`invert_to_original` of :mod:`mambaclinix.data.preprocessing`, the
+foreground-oversampling sampler of :mod:`mambaclinix.data.sampling` and the augmentations of
+:mod:`mambaclinix.data.augmentation`.
+
+Importing this package imports neither TorchIO nor nilearn: they are imported inside the functions
+that use them, and the pipeline's names below are loaded on first access (``from mambaclinix.data
+import SegmentationDataModule`` imports TorchIO and Lightning at that moment).
+"""
+
+import importlib
+
+from mambaclinix.data.demo import build_demo_dataset, kmeans_baseline_dice, kmeans_tissue_baseline
+
+_LAZY = {
+    # name: defining module (the TorchIO pipeline, imported on first access)
+    "SegmentationDataModule": "mambaclinix.data.datamodule",
+    "collate_subjects": "mambaclinix.data.datamodule",
+    "Case": "mambaclinix.data.datasets",
+    "DatasetError": "mambaclinix.data.datasets",
+    "DatasetInfo": "mambaclinix.data.datasets",
+    "find_images": "mambaclinix.data.datasets",
+    "read_dataset_json": "mambaclinix.data.datasets",
+    "read_decathlon": "mambaclinix.data.datasets",
+    "read_manifest": "mambaclinix.data.datasets",
+    "PreprocessingPlan": "mambaclinix.data.preprocessing",
+    "invert_to_original": "mambaclinix.data.preprocessing",
+    "make_plan": "mambaclinix.data.preprocessing",
+    "preprocess_case": "mambaclinix.data.preprocessing",
+    "preprocess_to_cache": "mambaclinix.data.preprocessing",
+    "ForegroundOversamplingSampler": "mambaclinix.data.sampling",
+    "nnunet_augmentation": "mambaclinix.data.augmentation",
+}
+
+__all__ = ["build_demo_dataset", "kmeans_baseline_dice", "kmeans_tissue_baseline", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mambaclinix.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,548 @@
+"""Reading segmentation datasets: the Decathlon / nnU-Net raw layout and CSV manifests (spec §3).
+
+Two sources are understood; both give a list of :class:`Case` (name, image file(s), label file or
+``None``), validated early: every error names the offending file (or case, or key) and says what was
+expected.
+
+**Medical Segmentation Decathlon / nnU-Net raw layout** (:func:`read_decathlon`)::
+
+    data_dir/
+        dataset.json
+        imagesTr/  labelsTr/  imagesTs/  [labelsTs/]
+
+``dataset.json`` comes in two flavours, told apart by their keys:
+
+* **nnU-Net v2**: ``channel_names`` (``{"0": "CT", ...}``), ``labels`` (name → int, ``background: 0``),
+  ``file_ending`` (e.g. ``".nii.gz"``). Images are one file per channel, ``CASE_0000<ending>``,
+  ``CASE_0001<ending>``…; labels ``labelsTr/CASE<ending>``. Cases are found by listing ``imagesTr``.
+* **MSD** (also nnU-Net v1): ``modality`` (``{"0": "CT"}``), ``labels`` (int string → name) and
+  ``training``: a list of ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}``. A
+  multi-channel image is one 4D file. nnU-Net v1 converted tasks list ``x.nii.gz`` but store
+  ``x_0000.nii.gz``, ``x_0001.nii.gz``…: those channel files are used when the listed file is absent.
+
+Test images are read from ``imagesTs`` (MSD: the ``test`` list when present); when ``labelsTs/`` exists
+every test image needs its label there.
+
+**CSV manifest** (:func:`read_manifest`): a header row with ``image`` (or ``image_0``, ``image_1``, … for
+one file per channel), optional ``label``, optional ``split`` (``train``/``val``/``test``, empty =
+unassigned) and optional ``name``; paths are relative to the CSV's folder (absolute paths also work).
+Without a ``name`` column the case name is the first image's file name without extension and without a
+trailing ``_0000``.
+
+Supported image formats (read by TorchIO: SimpleITK, with nibabel as fallback): :data:`SUPPORTED_EXTENSIONS`.
+Files whose name starts with ``.`` (e.g. macOS ``._`` resource forks shipped in MSD archives) are ignored
+when listing folders.
+
+This module reads only JSON/CSV and directory listings; images are opened by
+:mod:`mambaclinix.data.preprocessing`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "Case",
+    "DatasetError",
+    "DatasetInfo",
+    "find_images",
+    "read_dataset_json",
+    "read_decathlon",
+    "read_manifest",
+    "split_extension",
+]
+
+SUPPORTED_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+"""Image file extensions understood everywhere in :mod:`mambaclinix.data` (longest first)."""
+
+SPLITS = ("train", "val", "test")
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+class DatasetError(ValueError):
+    """A dataset on disk does not have the expected layout; the message names the file or case."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case of a dataset.
+
+    Attributes:
+        name: case identifier (unique within a dataset).
+        image_paths: one file per channel (nnU-Net v2 / ``image_0…`` columns), or a single file that may
+            hold several channels (MSD 4D NIfTI).
+        label_path: the label map, ``None`` when there is none (prediction-only images).
+        split: the manifest's ``split`` value (``"train"``, ``"val"``, ``"test"``), ``None`` when not
+            given (always ``None`` for the Decathlon layout, where the folder decides).
+    """
+
+    name: str
+    image_paths: tuple[Path, ...]
+    label_path: Path | None = None
+    split: str | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``dataset.json`` says about channels and classes.
+
+    Attributes:
+        channel_names: modality of each channel (``"CT"``, ``"T2"``, …), in channel order.
+        labels: label value → class name, always including 0 (``"background"`` when unnamed).
+        file_ending: image file extension (nnU-Net v2), ``None`` for MSD.
+        layout: ``"nnunetv2"`` or ``"msd"``.
+        name: the dataset's ``name`` entry, if any.
+    """
+
+    channel_names: tuple[str, ...]
+    labels: dict[int, str]
+    file_ending: str | None = None
+    layout: str = "nnunetv2"
+    name: str | None = None
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background: the largest label value + 1."""
+        return max(self.labels) + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names indexed by label value (unlisted values are called ``class_<v>``)."""
+        return [self.labels.get(v, f"class_{v}") for v in range(self.num_classes)]
+
+
+def split_extension(path: str | Path) -> tuple[str, str] | None:
+    """Split a file name into (stem, extension) for a supported extension, else ``None``.
+
+    >>> split_extension("case_0000.nii.gz")
+    ('case_0000', '.nii.gz')
+    """
+    name = Path(path).name
+    lower = name.lower()
+    for ext in SUPPORTED_EXTENSIONS:
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], name[-len(ext) :]
+    return None
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"{path}: dataset.json not found (expected the Decathlon / nnU-Net raw layout)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+def _require(data: dict, key: str, path: Path, layout: str, kind: type | tuple[type, ...]):
+    if key not in data:
+        raise DatasetError(f"{path}: missing key '{key}' (required in the {layout} dataset.json)")
+    value = data[key]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DatasetError(f"{path}: key '{key}' must be a {names}, got {type(value).__name__}")
+    return value
+
+
+def _channel_names(mapping: dict, path: Path, key: str) -> tuple[str, ...]:
+    try:
+        indexed = {int(k): str(v) for k, v in mapping.items()}
+    except (TypeError, ValueError) as err:
+        raise DatasetError(f"{path}: '{key}' keys must be channel indices '0', '1', …") from err
+    if sorted(indexed) != list(range(len(indexed))) or not indexed:
+        raise DatasetError(f"{path}: '{key}' must list channels 0..n-1, got {sorted(indexed)}")
+    return tuple(indexed[i] for i in range(len(indexed)))
+
+
+def read_dataset_json(data_dir: str | Path) -> DatasetInfo:
+    """Parse ``data_dir/dataset.json`` (nnU-Net v2 or MSD flavour, see the module docstring).
+
+    Raises:
+        DatasetError: missing file, invalid JSON, a missing or mistyped key (named), region-based or
+            ``ignore`` labels (not supported), non-integer label values.
+    """
+    path = Path(data_dir) / "dataset.json"
+    return _parse_dataset_json(_load_json(path), path)
+
+
+def _parse_dataset_json(data: dict, path: Path) -> DatasetInfo:
+    if "channel_names" in data:
+        layout = "nnunetv2"
+        channels = _channel_names(_require(data, "channel_names", path, layout, dict), path, "channel_names")
+        raw_labels = _require(data, "labels", path, layout, dict)
+        file_ending = _require(data, "file_ending", path, layout, str)
+        if file_ending.lower() not in SUPPORTED_EXTENSIONS:
+            raise DatasetError(
+                f"{path}: file_ending '{file_ending}' is not supported; "
+                f"expected one of {SUPPORTED_EXTENSIONS}"
+            )
+        labels: dict[int, str] = {}
+        for name, value in raw_labels.items():
+            if name == "ignore":
+                raise DatasetError(f"{path}: the nnU-Net 'ignore' label is not supported")
+            if isinstance(value, (list, tuple)):
+                raise DatasetError(f"{path}: label '{name}' is region-based ({value}); not supported")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise DatasetError(f"{path}: label '{name}' must map to a non-negative int, got {value!r}")
+            if value in labels:
+                raise DatasetError(f"{path}: labels '{labels[value]}' and '{name}' share the value {value}")
+            labels[value] = str(name)
+    elif "modality" in data:
+        layout = "msd"
+        channels = _channel_names(_require(data, "modality", path, layout, dict), path, "modality")
+        raw_labels = _require(data, "labels", path, layout, dict)
+        _require(data, "training", path, layout, list)
+        file_ending = None
+        labels = {}
+        for key, name in raw_labels.items():
+            try:
+                value = int(key)
+            except ValueError as err:
+                raise DatasetError(f"{path}: MSD 'labels' keys must be integers, got '{key}'") from err
+            if value < 0:
+                raise DatasetError(f"{path}: label value {value} is negative")
+            labels[value] = str(name)
+    else:
+        raise DatasetError(
+            f"{path}: missing key 'channel_names' (nnU-Net v2) or 'modality' (MSD); one of them is required"
+        )
+    labels.setdefault(0, "background")
+    return DatasetInfo(
+        channel_names=channels,
+        labels=dict(sorted(labels.items())),
+        file_ending=file_ending,
+        layout=layout,
+        name=data.get("name"),
+    )
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _group_channel_files(
+    files: Iterable[Path], folder: Path, num_channels: int | None, file_ending: str | None
+) -> dict[str, tuple[Path, ...]]:
+    """Group ``CASE_0000<ext>`` files by case; every case must have channels 0..n-1."""
+    groups: dict[str, dict[int, Path]] = {}
+    for path in files:
+        parts = split_extension(path)
+        if parts is None or (file_ending is not None and parts[1].lower() != file_ending.lower()):
+            continue
+        match = _CHANNEL_RE.match(parts[0])
+        if match is None:
+            raise DatasetError(
+                f"{path}: image file name must end with a 4-digit channel index, e.g. CASE_0000{parts[1]}"
+            )
+        groups.setdefault(match["case"], {})[int(match["channel"])] = path
+    if not groups:
+        raise DatasetError(f"{folder}: no images found (expected CASE_0000{file_ending or '.nii.gz'} files)")
+    counts = {name: len(ch) for name, ch in groups.items()}
+    expected = num_channels if num_channels is not None else max(counts.values())
+    result: dict[str, tuple[Path, ...]] = {}
+    for name in sorted(groups):
+        channels = groups[name]
+        if sorted(channels) != list(range(expected)):
+            raise DatasetError(
+                f"case '{name}' in {folder}: mixed channel counts: found channels {sorted(channels)}, "
+                f"expected {list(range(expected))} ({expected} channel file(s) per case)"
+            )
+        result[name] = tuple(channels[i] for i in range(expected))
+    return result
+
+
+def _label_for(case: str, label_dir: Path, ending: str, image: Path) -> Path:
+    label = label_dir / f"{case}{ending}"
+    if not label.is_file():
+        raise DatasetError(f"case '{case}': image {image} has no label; expected {label}")
+    return label
+
+
+def _resolve_listed(data_dir: Path, entry: object, what: str, where: str) -> Path:
+    if not isinstance(entry, str) or not entry:
+        raise DatasetError(f"{where}: '{what}' must be a non-empty path string, got {entry!r}")
+    path = Path(entry)
+    return path if path.is_absolute() else (data_dir / path)
+
+
+def _msd_image_files(image: Path, where: str) -> tuple[Path, ...]:
+    if image.is_file():
+        return (image,)
+    parts = split_extension(image)
+    if parts is not None:  # nnU-Net v1 conversion: x.nii.gz listed, x_0000.nii.gz stored
+        stem, ext = parts
+        channels = []
+        while (candidate := image.with_name(f"{stem}_{len(channels):04d}{ext}")).is_file():
+            channels.append(candidate)
+        if channels:
+            return tuple(channels)
+    raise DatasetError(f"{where}: listed image file does not exist: {image}")
+
+
+def _case_name(image: Path) -> str:
+    parts = split_extension(image)
+    if parts is None:
+        raise DatasetError(f"{image}: unsupported file type; expected one of {SUPPORTED_EXTENSIONS}")
+    match = _CHANNEL_RE.match(parts[0])
+    return match["case"] if match is not None and match["channel"] == "0000" else parts[0]
+
+
+def _check_unique(cases: Sequence[Case], source: Path) -> None:
+    seen: dict[str, Case] = {}
+    for case in cases:
+        if case.name in seen:
+            raise DatasetError(
+                f"{source}: two cases are named '{case.name}' ({seen[case.name].image_paths[0]} and "
+                f"{case.image_paths[0]}); case names must be unique"
+            )
+        seen[case.name] = case
+
+
+def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
+    """List the cases of a Decathlon / nnU-Net raw dataset.
+
+    Args:
+        data_dir: folder holding ``dataset.json``.
+        subset: ``"train"`` (``imagesTr`` + ``labelsTr``, every image needs its label) or ``"test"``
+            (``imagesTs``, with labels from ``labelsTs`` when that folder exists; empty list when there is
+            no ``imagesTs``).
+
+    Returns:
+        Cases sorted by name.
+
+    Raises:
+        DatasetError: see :func:`read_dataset_json`; a listed file that does not exist; an image without
+            its label; a case whose channel count differs from ``dataset.json``'s.
+    """
+    if subset not in ("train", "test"):
+        raise ValueError(f"subset must be 'train' or 'test', got {subset!r}")
+    root = Path(data_dir)
+    json_path = root / "dataset.json"
+    data = _load_json(json_path)
+    info = _parse_dataset_json(data, json_path)
+    image_dir = root / ("imagesTr" if subset == "train" else "imagesTs")
+    label_dir = root / ("labelsTr" if subset == "train" else "labelsTs")
+    need_labels = subset == "train" or label_dir.is_dir()
+    if subset == "train" and not image_dir.is_dir():
+        raise DatasetError(f"{image_dir}: folder not found (expected training images next to {json_path})")
+    if subset == "train" and not label_dir.is_dir():
+        raise DatasetError(f"{label_dir}: folder not found (expected training labels next to {json_path})")
+
+    cases: list[Case] = []
+    if info.layout == "nnunetv2":
+        if not image_dir.is_dir():
+            return []
+        ending = info.file_ending
+        assert ending is not None
+        groups = _group_channel_files(_visible_files(image_dir), image_dir, info.num_channels, ending)
+        for name, paths in groups.items():
+            label = _label_for(name, label_dir, ending, paths[0]) if need_labels else None
+            cases.append(Case(name, paths, label))
+    else:
+        if subset == "train":
+            for i, entry in enumerate(data["training"]):
+                where = f"{json_path}: training[{i}]"
+                if not isinstance(entry, dict) or "image" not in entry:
+                    raise DatasetError(f"{where}: missing key 'image'")
+                image = _resolve_listed(root, entry["image"], "image", where)
+                name = _case_name(image)
+                if "label" not in entry or entry["label"] in (None, ""):
+                    raise DatasetError(f"case '{name}' ({where}): image {image} has no label")
+                label = _resolve_listed(root, entry["label"], "label", where)
+                if not label.is_file():
+                    raise DatasetError(f"case '{name}' ({where}): listed label file does not exist: {label}")
+                cases.append(Case(name, _msd_image_files(image, where), label))
+        else:
+            listed = data.get("test")
+            if isinstance(listed, list) and listed:
+                images = []
+                for i, entry in enumerate(listed):
+                    raw = entry.get("image") if isinstance(entry, dict) else entry
+                    images.append(_resolve_listed(root, raw, "image", f"{json_path}: test[{i}]"))
+            elif image_dir.is_dir():
+                images = [p for p in _visible_files(image_dir) if split_extension(p) is not None]
+            else:
+                return []
+            for image in images:
+                name = _case_name(image)
+                files = _msd_image_files(image, f"{json_path}: test case '{name}'")
+                ext = split_extension(image)[1]  # type: ignore[index]
+                label = _label_for(name, label_dir, ext, image) if need_labels else None
+                cases.append(Case(name, files, label))
+        _check_channel_files(cases, info.num_channels)
+
+    if subset == "train":
+        listed = data.get("numTraining")
+        if isinstance(listed, int) and listed != len(cases):
+            logger.warning(
+                "%s: numTraining is %d but %d training cases were found", json_path, listed, len(cases)
+            )
+        if label_dir.is_dir():
+            names = {c.name for c in cases}
+            ending = info.file_ending
+            for label in _visible_files(label_dir):
+                parts = split_extension(label)
+                if parts is not None and (ending is None or parts[1] == ending) and parts[0] not in names:
+                    logger.warning("%s: label without an image in %s (ignored)", label, image_dir)
+    _check_unique(cases, json_path)
+    return sorted(cases, key=lambda c: c.name)
+
+
+def _check_channel_files(cases: Sequence[Case], num_channels: int) -> None:
+    """MSD: per-channel files (v1 conversion) must number ``num_channels``; one 4D file is checked later."""
+    for case in cases:
+        if len(case.image_paths) > 1 and len(case.image_paths) != num_channels:
+            raise DatasetError(
+                f"case '{case.name}': mixed channel counts: {len(case.image_paths)} channel files, "
+                f"dataset.json lists {num_channels} channel(s)"
+            )
+
+
+def read_manifest(manifest: str | Path) -> list[Case]:
+    """Read a CSV manifest (see the module docstring for the columns).
+
+    Returns:
+        Cases in file order, with ``split`` set from the ``split`` column (``None`` when absent/empty).
+
+    Raises:
+        DatasetError: missing file or columns, a missing image cell, an image or label file that does not
+            exist (named, with the row), an unknown split value, a ``train``/``val`` row without a label,
+            rows with different channel counts, duplicate case names.
+    """
+    path = Path(manifest)
+    if not path.is_file():
+        raise DatasetError(f"{path}: manifest CSV not found")
+    base = path.parent
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    if "image" in header and "image_0" in header:
+        raise DatasetError(f"{path}: use either an 'image' column or 'image_0', 'image_1', …, not both")
+    if "image" in header:
+        image_columns = ["image"]
+    else:
+        image_columns = []
+        while f"image_{len(image_columns)}" in header:
+            image_columns.append(f"image_{len(image_columns)}")
+        if not image_columns:
+            raise DatasetError(
+                f"{path}: missing column 'image' (or 'image_0', 'image_1', …); found columns {header}"
+            )
+        extra = sorted(h for h in header if h.startswith("image_") and h not in image_columns)
+        if extra:
+            raise DatasetError(f"{path}: image columns must be consecutive from image_0; unexpected {extra}")
+    if not rows:
+        raise DatasetError(f"{path}: the manifest has no rows")
+
+    def resolve(cell: str, what: str, row_no: int) -> Path:
+        p = Path(cell)
+        p = p if p.is_absolute() else base / p
+        if not p.is_file():
+            raise DatasetError(f"{path}, row {row_no}: {what} file does not exist: {p}")
+        if split_extension(p) is None:
+            raise DatasetError(
+                f"{path}, row {row_no}: {what} file {p} has an unsupported type; "
+                f"expected {SUPPORTED_EXTENSIONS}"
+            )
+        return p
+
+    cases: list[Case] = []
+    num_files: dict[str, int] = {}
+    for row_no, row in enumerate(rows, start=2):  # row 1 is the header
+        cells = [row.get(c, "") for c in image_columns]
+        if not cells[0]:
+            raise DatasetError(f"{path}, row {row_no}: empty '{image_columns[0]}' cell")
+        present = [c for c in cells if c]
+        images = tuple(resolve(c, "image", row_no) for c in present)
+        name = row.get("name") or row.get("case") or _case_name(images[0])
+        if len(present) != len(cells):
+            raise DatasetError(
+                f"case '{name}' ({path}, row {row_no}): mixed channel counts: {len(present)} image file(s), "
+                f"the manifest has {len(cells)} image column(s)"
+            )
+        num_files[name] = len(images)
+        split = row.get("split", "").lower() or None
+        if split is not None and split not in SPLITS:
+            raise DatasetError(f"{path}, row {row_no}: split must be one of {SPLITS} or empty, got '{split}'")
+        label = resolve(row["label"], "label", row_no) if row.get("label") else None
+        if label is None and split in ("train", "val"):
+            raise DatasetError(
+                f"case '{name}' ({path}, row {row_no}): split '{split}' needs a label, none given"
+            )
+        cases.append(Case(name, images, label, split))
+    _check_unique(cases, path)
+    return cases
+
+
+def find_images(
+    source: str | Path | Sequence[str | Path],
+    num_channels: int | None = None,
+    per_channel_files: bool | None = None,
+) -> list[Case]:
+    """Cases (without labels) from a folder of images or a list of image files, e.g. for prediction.
+
+    Args:
+        source: a folder (its visible files with a supported extension) or a list of files.
+        num_channels: expected channel files per case when ``per_channel_files``.
+        per_channel_files: ``True``: files are ``CASE_0000<ext>``, ``CASE_0001<ext>``… and are grouped
+            by case (nnU-Net v2); ``False``: every file is one case (possibly a 4D multi-channel file);
+            ``None``: group only if every file ends in a 4-digit channel index and grouping gives every
+            case the channels 0..n-1 (or ``num_channels`` of them), otherwise one file per case.
+
+    Raises:
+        DatasetError: missing folder or file (named), unsupported file type, bad channel grouping.
+    """
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not folder.is_dir():
+            if folder.is_file():
+                files = [folder]
+                folder = folder.parent
+            else:
+                raise DatasetError(f"{folder}: folder or image file to predict does not exist")
+        else:
+            files = [p for p in _visible_files(folder) if split_extension(p) is not None]
+            if not files:
+                raise DatasetError(f"{folder}: no images with a supported extension {SUPPORTED_EXTENSIONS}")
+    else:
+        files = [Path(p) for p in source]
+        if not files:
+            raise DatasetError("find_images: the list of images is empty")
+        for p in files:
+            if not p.is_file():
+                raise DatasetError(f"{p}: image file to predict does not exist")
+            if split_extension(p) is None:
+                raise DatasetError(f"{p}: unsupported file type; expected one of {SUPPORTED_EXTENSIONS}")
+        folder = files[0].parent
+    if per_channel_files is None:
+        stems = [split_extension(p)[0] for p in files]  # type: ignore[index]
+        per_channel_files = all(_CHANNEL_RE.match(s) for s in stems)
+        if per_channel_files:
+            try:
+                _group_channel_files(files, folder, num_channels, None)
+            except DatasetError:
+                per_channel_files = False
+    if per_channel_files:
+        groups = _group_channel_files(files, folder, num_channels, None)
+        cases = [Case(name, paths) for name, paths in groups.items()]
+    else:
+        cases = [Case(_case_name(p), (p,)) for p in files]
+    _check_unique(cases, folder)
+    return sorted(cases, key=lambda c: c.name)
