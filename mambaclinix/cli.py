@@ -1,0 +1,88 @@
+"""Command line interface.
+
+``mambaclinix fit|validate|test|predict -c CONFIG.yaml [--section.option value ...]`` is Lightning's
+``LightningCLI`` over :class:`~mambaclinix.training.SegmentationModule` and
+:class:`~mambaclinix.data.SegmentationDataModule`; the data module's channel count, class count, class
+names and patch size are linked into the model. ``--ckpt_path last`` resumes or evaluates the last
+checkpoint. ``mambaclinix demo-data DIR`` builds the embedded brain-MRI dataset and ``mambaclinix demo``
+runs the whole demo (data, training, test, Dice per tissue against an intensity-only baseline).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+from mambaclinix.data import SegmentationDataModule
+from mambaclinix.training import SegmentationModule
+
+TRAINER_DEFAULTS = {
+    "gradient_clip_val": 12.0,
+}
+
+# Set on the parser (not as trainer_defaults objects) so that a config file can replace them. Both loggers
+# write into one fixed run folder (``runs/mambaclinix``; no version_N), so checkpoints land in
+# ``runs/mambaclinix/checkpoints`` and ``--ckpt_path last`` finds them from any later command.
+PARSER_DEFAULTS = {
+    "trainer.logger": [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger",
+         "init_args": {"save_dir": "runs", "name": "mambaclinix", "version": ""}},
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+         "init_args": {"save_dir": "runs", "name": "mambaclinix", "version": ""}},
+    ],
+    "trainer.callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"save_last": True, "monitor": "val/dice_mean", "mode": "max",
+                       "filename": "best-{epoch}"}},
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+        {"class_path": "mambaclinix.training.TrainingCurves"},
+    ],
+}  # fmt: skip
+
+
+class MambaClinixCLI(LightningCLI):
+    """LightningCLI with the data module's shapes linked into the model."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(PARSER_DEFAULTS)
+        parser.link_arguments("data.num_channels", "model.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.patch_size", "model.patch_size", apply_on="parse")
+
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> MambaClinixCLI:
+    """Build (and with ``run`` execute) the LightningCLI on ``args`` (``sys.argv[1:]`` if None).
+
+    The resolved configuration is saved into the run folder as ``config_<subcommand>.yaml``.
+    """
+    first = (list(args) if args is not None else sys.argv[1:2]) or [""]
+    sub = first[0] if run and first[0] in SUBCOMMANDS else "run"
+    return MambaClinixCLI(
+        SegmentationModule,
+        SegmentationDataModule,
+        args=None if args is None else list(args),
+        run=run,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True, "config_filename": f"config_{sub}.yaml"},
+        seed_everything_default=0,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("demo-data", "demo"):
+        from mambaclinix import demo
+
+        (demo.build_main if args[0] == "demo-data" else demo.main)(args[1:])
+        return
+    lightning_cli(None if argv is None else args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Packaged LightningCLI configurations (``mambaclinix.demo.config_path()``)."""

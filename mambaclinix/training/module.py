@@ -1,0 +1,266 @@
+"""The LightningModule: training with deep supervision, sliding-window validation, test and prediction.
+
+Paper defaults (spec §3): Adam with coupled weight decay 1e-5, lr 1e-4, eps 1e-5, poly schedule
+``lr·(1 − progress)^0.9``; loss ``1·CE + 1·Dice + 0.8·L_TRS`` per output scale with nnU-Net's
+deep-supervision weights; whole-volume evaluation by Gaussian-weighted sliding window (σ = patch/8,
+overlap 0.5), optional mirror test-time augmentation. Gradient clipping (12) and mixed precision are
+Trainer settings (``gradient_clip_val``, ``precision``); the Mamba layers run in float32 regardless.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from mambaclinix.inference import sliding_window_inference
+from mambaclinix.losses import DeepSupervisionLoss, DiceCETverskyLoss
+from mambaclinix.metrics import PerClassDice, per_class_dice, per_class_hd95, per_class_nsd
+from mambaclinix.models import create_model
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationModule(L.LightningModule):
+    """Train, validate, test and predict a segmentation network on 3D patches / whole volumes.
+
+    Args:
+        net: a registered model name (built with ``in_channels``/``num_classes`` and ``net_kwargs``) or
+            any ``nn.Module`` mapping ``(B, in_channels, *patch)`` to logits ``(B, num_classes, *patch)``
+            (or a list of them, finest first, for deep supervision).
+        net_kwargs: extra arguments of the registered model.
+        in_channels: image channels (the CLI links it from the data module).
+        num_classes: classes including background (linked from the data module).
+        class_names: names of classes 1..K-1 for logs and tables (linked from the data module).
+        patch_size: training patch and sliding-window size ``(D, H, W)`` (linked from the data module).
+        loss_kwargs: arguments of :class:`~mambaclinix.losses.DiceCETverskyLoss` (``lambda_ce``,
+            ``lambda_dice``, ``lambda_trs``, ``num_regions``, ...).
+        deep_supervision_weights: per-output weights, finest first; ``None`` for nnU-Net's.
+        lr, weight_decay, adam_eps: Adam (coupled L2 weight decay, as the paper's nnU-Net trainer).
+        poly_power: exponent of the poly schedule ``lr·(1 − step/total)^power`` over the Trainer's total
+            optimizer steps (``max_epochs`` × batches, or ``max_steps``); nnU-Net steps it per epoch, which
+            differs only in granularity.
+        sw_batch_size, sw_overlap, mirror_tta: sliding-window settings for validation, test and predict.
+        channels_last: feed the network ``channels_last_3d`` tensors (faster 3D convolutions on CPU).
+        output_dir: where ``test`` writes ``test_metrics.csv``/``test_slices.png`` and ``predict``
+            writes label maps; default: the logger's directory (``predictions/`` under it for predict).
+        nsd_tolerance_mm: tolerance τ of the normalised surface Dice reported by ``test``.
+    """
+
+    def __init__(
+        self,
+        net: str | nn.Module = "mambaclinix_small",
+        net_kwargs: dict[str, Any] | None = None,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        class_names: Sequence[str] | None = None,
+        patch_size: Sequence[int] = (64, 64, 64),
+        loss_kwargs: dict[str, Any] | None = None,
+        deep_supervision_weights: Sequence[float] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-5,
+        adam_eps: float = 1e-5,
+        poly_power: float = 0.9,
+        sw_batch_size: int = 2,
+        sw_overlap: float = 0.5,
+        mirror_tta: bool = False,
+        channels_last: bool = True,
+        output_dir: str | None = None,
+        nsd_tolerance_mm: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background included), got {num_classes}")
+        if len(tuple(patch_size)) != 3 or any(int(p) < 1 for p in patch_size):
+            raise ValueError(f"patch_size must be three positive ints (D, H, W), got {patch_size}")
+        names = list(class_names) if class_names is not None else [f"class{i}" for i in range(1, num_classes)]
+        if len(names) == num_classes:  # background included: drop it
+            names = names[1:]
+        if len(names) != num_classes - 1:
+            raise ValueError(f"class_names must name the {num_classes - 1} foreground classes, got {names}")
+        self.save_hyperparameters(ignore=["net"] if isinstance(net, nn.Module) else None)
+        if isinstance(net, str):
+            net = create_model(net, in_channels=in_channels, out_channels=num_classes, **(net_kwargs or {}))
+        self.net = net
+        self.class_names = names
+        self.patch_size = tuple(int(p) for p in patch_size)
+        divisor = getattr(net, "size_divisor", None)
+        if divisor is not None:
+            div = divisor if isinstance(divisor, Sequence) else (divisor,) * 3
+            if any(p % d for p, d in zip(self.patch_size, div, strict=True)):
+                raise ValueError(
+                    f"patch_size {self.patch_size} must be a multiple of the network's size divisor "
+                    f"{tuple(div)}"
+                )
+        self.loss = DeepSupervisionLoss(DiceCETverskyLoss(**(loss_kwargs or {})), deep_supervision_weights)
+        self.val_dice = PerClassDice(num_classes, average="none")
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: torch.Tensor):
+        if self.hparams.channels_last and x.dim() == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self.net(x)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, y = batch["image"], batch["label"]
+        out = self(x)
+        loss = self.loss(out if isinstance(out, (list, tuple)) else [out], y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                               eps=self.hparams.adam_eps)  # fmt: skip
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        if not math.isfinite(total) or total < 1:
+            return opt  # no known training length: constant learning rate
+        power, total = self.hparams.poly_power, int(total)
+
+        def poly(step: int) -> float:
+            return max(0.0, 1.0 - step / total) ** power
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ whole volumes
+    def _first(self, out):
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities ``(B, K, *spatial)`` of whole volumes by Gaussian sliding window."""
+        hp = self.hparams
+        return sliding_window_inference(
+            image, self.patch_size, lambda p: self._first(self(p)).float(), sw_batch_size=hp.sw_batch_size,
+            overlap=hp.sw_overlap, mode="gaussian", mirror_axes=(0, 1, 2) if hp.mirror_tta else None,
+            postprocess=lambda logits: torch.softmax(logits, dim=1),
+        )  # fmt: skip
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pred = self.predict_volume(batch["image"]).argmax(1, keepdim=True)
+        self.val_dice.update(pred, batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        if int(self.val_dice.count.sum()) == 0:
+            return
+        dice = self.val_dice.compute()
+        self.val_dice.reset()
+        for name, d in zip(self.class_names, dice.reshape(-1).tolist(), strict=True):
+            self.log(f"val/dice_{name}", d)
+        self.log("val/dice_mean", dice.mean().float(), prog_bar=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_rows: list[dict] = []
+        self._test_slices: list[tuple] = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        if "label" not in batch:
+            raise ValueError("test needs reference labels; use predict for images without labels")
+        pred = self.predict_volume(batch["image"]).argmax(1, keepdim=True)
+        label = batch["label"]
+        K = self.hparams.num_classes
+        metas = batch.get("meta") or [{}] * pred.shape[0]
+        for i, name in enumerate(batch["name"]):
+            spacing = metas[i].get("spacing", (1.0, 1.0, 1.0))
+            p, t = pred[i : i + 1].cpu(), label[i : i + 1].cpu()
+            row = {"case": name}
+            scores = {
+                "dice": per_class_dice(p, t, K)[0],
+                "hd95": per_class_hd95(p, t, K, spacing=spacing)[0],
+                f"nsd{self.hparams.nsd_tolerance_mm:g}mm": per_class_nsd(
+                    p, t, K, tolerance=self.hparams.nsd_tolerance_mm, spacing=spacing
+                )[0],
+            }
+            for metric, values in scores.items():
+                for cname, v in zip(self.class_names, values.tolist(), strict=True):
+                    row[f"{metric}_{cname}"] = v
+            self._test_rows.append(row)
+            if len(self._test_slices) < 3:
+                z = int(t[0, 0].flatten(1).sum(1).argmax()) if t.any() else t.shape[2] // 2
+                img = batch["image"][i, 0, z].float().cpu().numpy()
+                self._test_slices.append((name, img, t[0, 0, z].numpy(), p[0, 0, z].numpy()))
+
+    def on_test_epoch_end(self) -> None:
+        rows = _gather_objects(self._test_rows)
+        slices = _gather_objects(self._test_slices)
+        if not rows:
+            return
+        keys = [k for k in rows[0] if k != "case"]
+        means = {k: float(sum(r[k] for r in rows) / len(rows)) for k in keys}
+        for k, v in means.items():
+            self.log(f"test/{k}", v, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            out = self._output_dir()
+            _write_csv_atomic(out / "test_metrics.csv", rows + [{"case": "mean", **means}])
+            from mambaclinix.training.plots import plot_slices
+
+            plot_slices(slices, out / "test_slices.png", self.class_names)
+            log.info("test metrics written to %s", out / "test_metrics.csv")
+        self.test_summary = {"cases": rows, "mean": means}
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        from mambaclinix.data.preprocessing import invert_to_original
+        from mambaclinix.inference import write_segmentation
+
+        probs = self.predict_volume(batch["image"])
+        out_dir = (
+            self._output_dir() / "predictions" if self.hparams.output_dir is None else self._output_dir()
+        )
+        written = []
+        for i, meta in enumerate(batch["meta"]):
+            full = invert_to_original(probs[i].cpu(), meta)
+            labels = full.argmax(0).to(torch.uint8 if self.hparams.num_classes < 256 else torch.int16)
+            ref = Path(meta["image_paths"][0])
+            path = out_dir / f"{batch['name'][i]}{_extension(ref)}"
+            write_segmentation(labels, ref, path)
+            written.append(str(path))
+        return written
+
+    def _output_dir(self) -> Path:
+        if self.hparams.output_dir is not None:
+            path = Path(self.hparams.output_dir)
+        else:
+            log_dir = self.trainer.log_dir if self._trainer is not None else None
+            path = Path(log_dir or ".")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _extension(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.endswith(ext):
+            return ".nrrd" if ext == ".nhdr" else ".mha" if ext == ".mhd" else ext
+    return ".nii.gz"
+
+
+def _gather_objects(items: list) -> list:
+    """All ranks' lists, concatenated (the list itself outside distributed runs)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(items)
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]
+
+
+def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
