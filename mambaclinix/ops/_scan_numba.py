@@ -82,33 +82,44 @@ def _zero_like_impl(a):
     return lambda a: np.float64(0)
 
 
-LANES = 16  # channels processed together; the caller pads E to a multiple of this
+LANES = 16  # channels processed together (one vector of state per n)
+
+
+@njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
+def _load_lanes(src, b, e0, width, t, out):  # pragma: no cover - compiled
+    """``out[l] = src[b, e0 + l, t]`` for the block's channels, 0 in the padding lanes."""
+    for lane in range(LANES):
+        out[lane] = src[b, e0 + lane, t] if lane < width else 0.0
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-def scan_fwd(u, delta, A, Bt, Ct, chunk, y, hs, last):  # pragma: no cover - compiled
+def scan_fwd(u, delta, AT, Bt, Ct, chunk, y, hs, last):  # pragma: no cover - compiled
     """Forward recurrence, vectorised over blocks of ``LANES`` channels.
 
     Args:
-        u, delta: ``(b, L, E)`` (time-major, ``E % LANES == 0``). A: ``(N, E)``. Bt, Ct: ``(b, L, N)``.
-        chunk: checkpoint interval. y: out ``(b, L, E)``. hs: out ``(b, K, N, E)``, the state *before*
-            step ``k·chunk``. last: out ``(b, N, E)``, the final state.
+        u, delta: ``(b, E, L)`` (Δ after bias/softplus). AT: ``(N, Ep)``, ``A`` transposed and padded to
+            ``Ep = LANES·ceil(E / LANES)`` channels. Bt, Ct: ``(b, L, N)`` (time-major).
+        chunk: checkpoint interval. y: out ``(b, E, L)``. hs: out ``(b, K, N, Ep)``, the state *before*
+            step ``k·chunk``. last: out ``(b, N, Ep)``, the final state.
     """
-    nb, L, E = u.shape
-    N = A.shape[0]
-    nblk = E // LANES
+    nb, E, L = u.shape
+    N = AT.shape[0]
+    nblk = (E + LANES - 1) // LANES
     for task in prange(nb * nblk):
         b = task // nblk
         e0 = (task % nblk) * LANES
-        a = A[:, e0 : e0 + LANES].copy()
-        h = np.zeros((N, LANES), dtype=A.dtype)
-        acc = np.empty(LANES, dtype=A.dtype)
-        dux = np.empty(LANES, dtype=A.dtype)
+        width = min(LANES, E - e0)
+        a = AT[:, e0 : e0 + LANES].copy()
+        h = np.zeros((N, LANES), dtype=AT.dtype)
+        acc = np.empty(LANES, dtype=AT.dtype)
+        d = np.empty(LANES, dtype=AT.dtype)
+        ut = np.empty(LANES, dtype=AT.dtype)
+        dux = np.empty(LANES, dtype=AT.dtype)
         for t in range(L):
             if t % chunk == 0:
                 hs[b, t // chunk, :, e0 : e0 + LANES] = h
-            d = delta[b, t, e0 : e0 + LANES]
-            ut = u[b, t, e0 : e0 + LANES]
+            _load_lanes(delta, b, e0, width, t, d)
+            _load_lanes(u, b, e0, width, t, ut)
             brow, crow = Bt[b, t], Ct[b, t]
             for lane in range(LANES):
                 acc[lane] = 0.0
@@ -120,26 +131,27 @@ def scan_fwd(u, delta, A, Bt, Ct, chunk, y, hs, last):  # pragma: no cover - com
                     hv = fexp(d[lane] * an[lane]) * hn[lane] + dux[lane] * bn
                     hn[lane] = hv
                     acc[lane] += cn * hv
-            y[b, t, e0 : e0 + LANES] = acc
+            for lane in range(width):
+                y[b, e0 + lane, t] = acc[lane]
         last[b, :, e0 : e0 + LANES] = h
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 def scan_bwd(
-    u, delta, A, Bt, Ct, chunk, hs, dy, dlast, groups, du, ddelta, dA, dB_part, dC_part
+    u, delta, AT, Bt, Ct, chunk, hs, dy, dlast, groups, du, ddelta, dA, dB_part, dC_part
 ):  # pragma: no cover
     """Backward pass with per-chunk recomputation, vectorised over blocks of ``LANES`` channels.
 
     Args:
-        u, delta, A, Bt, Ct, chunk, hs: as given to / written by :func:`scan_fwd`.
-        dy: ``(b, L, E)`` gradient of the output. dlast: ``(b, N, E)`` gradient of the final state.
+        u, delta, AT, Bt, Ct, chunk, hs: as given to / written by :func:`scan_fwd`.
+        dy: ``(b, E, L)`` gradient of the output. dlast: ``(b, N, Ep)`` gradient of the final state.
         groups: number of channel groups ``P``; each parallel task owns one ``(batch, group)`` pair.
-        du, ddelta: out ``(b, L, E)``. dA: out ``(b, N, E)`` float64 (the caller sums over b).
+        du, ddelta: out ``(b, E, L)``. dA: out ``(b, N, Ep)`` float64 (the caller sums over b).
         dB_part, dC_part: out ``(P, b, L, N)`` (the caller sums over P).
     """
-    nb, L, E = u.shape
-    N = A.shape[0]
-    nblk = E // LANES
+    nb, E, L = u.shape
+    N = AT.shape[0]
+    nblk = (E + LANES - 1) // LANES
     per = (nblk + groups - 1) // groups
     nchunks = (L + chunk - 1) // chunk
     for task in prange(nb * groups):
@@ -148,19 +160,23 @@ def scan_bwd(
         blk0, blk1 = p * per, min(nblk, (p + 1) * per)
         nown = max(0, blk1 - blk0)
         Bb, Cb, dBp, dCp = Bt[b], Ct[b], dB_part[p, b], dC_part[p, b]
-        hbuf = np.empty((chunk + 1, N, LANES), dtype=A.dtype)
-        abuf = np.empty((chunk, N, LANES), dtype=A.dtype)
+        hbuf = np.empty((chunk + 1, N, LANES), dtype=AT.dtype)
+        abuf = np.empty((chunk, N, LANES), dtype=AT.dtype)
         # dB/dC contributions of this task's channel blocks, summed over blocks lane-wise and reduced
         # across lanes once per chunk (not once per block).
-        vB = np.empty((chunk, N, LANES), dtype=A.dtype)
-        vC = np.empty((chunk, N, LANES), dtype=A.dtype)
-        dh = np.empty((nown, N, LANES), dtype=A.dtype)  # state gradients carried across chunks
+        vB = np.empty((chunk, N, LANES), dtype=AT.dtype)
+        vC = np.empty((chunk, N, LANES), dtype=AT.dtype)
+        dh = np.empty((nown, N, LANES), dtype=AT.dtype)  # state gradients carried across chunks
         dAacc = np.zeros((nown, N, LANES), dtype=np.float64)
-        dAc = np.empty((N, LANES), dtype=A.dtype)  # per-chunk partial sums of dA
-        a = np.empty((N, LANES), dtype=A.dtype)
-        dux = np.empty(LANES, dtype=A.dtype)
-        sd = np.empty(LANES, dtype=A.dtype)
-        su = np.empty(LANES, dtype=A.dtype)
+        dAc = np.empty((N, LANES), dtype=AT.dtype)  # per-chunk partial sums of dA
+        a = np.empty((N, LANES), dtype=AT.dtype)
+        d = np.empty(LANES, dtype=AT.dtype)
+        ut = np.empty(LANES, dtype=AT.dtype)
+        g = np.empty(LANES, dtype=AT.dtype)
+        dux = np.empty(LANES, dtype=AT.dtype)
+        sd = np.empty(LANES, dtype=AT.dtype)
+        su = np.empty(LANES, dtype=AT.dtype)
+        gh = np.empty(LANES, dtype=AT.dtype)
         for i in range(nown):
             e0 = (blk0 + i) * LANES
             dh[i] = dlast[b, :, e0 : e0 + LANES]
@@ -171,13 +187,14 @@ def scan_bwd(
             vC[:, :, :] = 0.0
             for i in range(nown):
                 e0 = (blk0 + i) * LANES
-                a[:, :] = A[:, e0 : e0 + LANES]
+                width = min(LANES, E - e0)
+                a[:, :] = AT[:, e0 : e0 + LANES]
                 # Recompute the states of this chunk from its checkpoint.
                 hbuf[0] = hs[b, k, :, e0 : e0 + LANES]
                 for t in range(t0, t1):
                     j = t - t0
-                    d = delta[b, t, e0 : e0 + LANES]
-                    ut = u[b, t, e0 : e0 + LANES]
+                    _load_lanes(delta, b, e0, width, t, d)
+                    _load_lanes(u, b, e0, width, t, ut)
                     brow = Bb[t]
                     for lane in range(LANES):
                         dux[lane] = d[lane] * ut[lane]
@@ -193,9 +210,9 @@ def scan_bwd(
                 dhi = dh[i]
                 for t in range(t1 - 1, t0 - 1, -1):
                     j = t - t0
-                    g = dy[b, t, e0 : e0 + LANES]
-                    d = delta[b, t, e0 : e0 + LANES]
-                    ut = u[b, t, e0 : e0 + LANES]
+                    _load_lanes(dy, b, e0, width, t, g)
+                    _load_lanes(delta, b, e0, width, t, d)
+                    _load_lanes(u, b, e0, width, t, ut)
                     brow, crow = Bb[t], Cb[t]
                     for lane in range(LANES):
                         sd[lane] = 0.0
@@ -205,18 +222,23 @@ def scan_bwd(
                         bn, cn = brow[n], crow[n]
                         an, hp, hc, ar = a[n], hbuf[j, n], hbuf[j + 1, n], abuf[j, n]
                         dhn, dAn, vbn, vcn = dhi[n], dAc[n], vB[j, n], vC[j, n]
+                        # Short loops writing one or two arrays each: LLVM vectorises these (one
+                        # loop writing six arrays needs too many run-time alias checks and stays scalar).
                         for lane in range(LANES):
-                            gh = dhn[lane] + g[lane] * cn
+                            gh[lane] = dhn[lane] + g[lane] * cn
                             vcn[lane] += g[lane] * hc[lane]
-                            hpa = hp[lane] * ar[lane]
-                            sd[lane] += gh * hpa * an[lane]
-                            su[lane] += gh * bn
-                            vbn[lane] += gh * dux[lane]
-                            dAn[lane] += gh * hpa * d[lane]
-                            dhn[lane] = gh * ar[lane]
-                    for lane in range(LANES):
-                        ddelta[b, t, e0 + lane] = sd[lane] + su[lane] * ut[lane]
-                        du[b, t, e0 + lane] = su[lane] * d[lane]
+                        for lane in range(LANES):
+                            hpa = hp[lane] * ar[lane] * gh[lane]
+                            sd[lane] += hpa * an[lane]
+                            dAn[lane] += hpa * d[lane]
+                        for lane in range(LANES):
+                            su[lane] += gh[lane] * bn
+                            vbn[lane] += gh[lane] * dux[lane]
+                        for lane in range(LANES):
+                            dhn[lane] = gh[lane] * ar[lane]
+                    for lane in range(width):
+                        ddelta[b, e0 + lane, t] = sd[lane] + su[lane] * ut[lane]
+                        du[b, e0 + lane, t] = su[lane] * d[lane]
                 dAacc[i] += dAc
             for t in range(t0, t1):
                 j = t - t0

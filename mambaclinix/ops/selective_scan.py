@@ -116,14 +116,15 @@ def _core_chunked(u, delta, A, B, C, chunk):
 # "numba": fused CPU kernel with a hand-written backward.
 
 
-def _time_major(x, width: int, value: float = 0.0):
-    """``(b, E, L)`` -> contiguous ``(b, L, width)``, padding channels with ``value``."""
+def _padded_t(x, width: int, value: float = 0.0):
+    """``(..., E, M)`` -> contiguous ``(..., M, width)``, channels padded with ``value`` (small tensors)."""
     x = x.detach().transpose(-1, -2)
     return F.pad(x, (0, width - x.shape[-1]), value=value).contiguous()
 
 
 class _NumbaScan(torch.autograd.Function):
-    """Fused CPU kernel; inputs are laid out time-major with channels padded to the kernel's lane width."""
+    """Fused CPU kernel. ``u``, ``delta``, ``y`` and their gradients stay in the ``(B, E, L)`` layout;
+    only the small ``A``, ``B``, ``C`` and state tensors are transposed."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, chunk: int):
@@ -133,42 +134,42 @@ class _NumbaScan(torch.autograd.Function):
         nb, E, L = u.shape
         N = A.shape[1]
         Ep = -(-E // k.LANES) * k.LANES
-        uT, dT = _time_major(u, Ep), _time_major(delta, Ep)
-        AT = _time_major(A[None], Ep, value=-1.0)[0]  # (N, Ep)
+        u, delta = u.detach().contiguous(), delta.detach().contiguous()
+        AT = _padded_t(A, Ep, value=-1.0)  # (N, Ep)
         Bt, Ct = B.detach().transpose(1, 2).contiguous(), C.detach().transpose(1, 2).contiguous()
-        y = u.new_empty(nb, L, Ep)
+        y = u.new_empty(nb, E, L)
         hs = u.new_empty(nb, -(-L // chunk), N, Ep)
         last = u.new_empty(nb, N, Ep)
-        k.scan_fwd(uT.numpy(), dT.numpy(), AT.numpy(), Bt.numpy(), Ct.numpy(), chunk,
+        k.scan_fwd(u.numpy(), delta.numpy(), AT.numpy(), Bt.numpy(), Ct.numpy(), chunk,
                    y.numpy(), hs.numpy(), last.numpy())  # fmt: skip
-        ctx.save_for_backward(uT, dT, AT, Bt, Ct, hs)
-        ctx.chunk, ctx.E = chunk, E
-        return y[..., :E].transpose(1, 2), last[..., :E].transpose(1, 2)
+        ctx.save_for_backward(u, delta, AT, Bt, Ct, hs)
+        ctx.chunk = chunk
+        return y, last[..., :E].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dy, dlast):
         from mambaclinix.ops import _scan_numba as k
 
-        uT, dT, AT, Bt, Ct, hs = ctx.saved_tensors
-        nb, L, Ep = uT.shape
-        N, E = AT.shape[0], ctx.E
+        u, delta, AT, Bt, Ct, hs = ctx.saved_tensors
+        nb, E, L = u.shape
+        N, Ep = AT.shape
         threads = torch.get_num_threads()
         k.set_threads(threads)
         groups = max(1, min(Ep // k.LANES, -(-2 * threads // nb)))
-        dyT = uT.new_zeros(uT.shape) if dy is None else _time_major(dy.to(uT.dtype), Ep)
-        dlastT = uT.new_zeros(nb, N, Ep) if dlast is None else _time_major(dlast.to(uT.dtype), Ep)
-        du, ddelta = torch.empty_like(uT), torch.empty_like(uT)
+        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype).contiguous()
+        dlastT = u.new_zeros(nb, N, Ep) if dlast is None else _padded_t(dlast.to(u.dtype), Ep)
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dA = torch.empty(nb, N, Ep, dtype=torch.float64)
-        dB = uT.new_empty(groups, nb, L, N)
-        dC = uT.new_empty(groups, nb, L, N)
-        k.scan_bwd(uT.numpy(), dT.numpy(), AT.numpy(), Bt.numpy(), Ct.numpy(), ctx.chunk, hs.numpy(),
-                   dyT.numpy(), dlastT.numpy(), groups, du.numpy(), ddelta.numpy(), dA.numpy(),
+        dB = u.new_empty(groups, nb, L, N)
+        dC = u.new_empty(groups, nb, L, N)
+        k.scan_bwd(u.numpy(), delta.numpy(), AT.numpy(), Bt.numpy(), Ct.numpy(), ctx.chunk, hs.numpy(),
+                   dy.numpy(), dlastT.numpy(), groups, du.numpy(), ddelta.numpy(), dA.numpy(),
                    dB.numpy(), dC.numpy())  # fmt: skip
-        dt = uT.dtype
+        dt = u.dtype
         dB = dB.sum(0, dtype=torch.float64).to(dt).transpose(1, 2)
         dC = dC.sum(0, dtype=torch.float64).to(dt).transpose(1, 2)
         dA = dA.sum(0)[:, :E].t().to(dt)
-        return du[..., :E].transpose(1, 2), ddelta[..., :E].transpose(1, 2), dA, dB, dC, None
+        return du, ddelta, dA, dB, dC, None
 
 
 def _core_numba(u, delta, A, B, C, chunk):

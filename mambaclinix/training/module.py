@@ -162,6 +162,9 @@ class SegmentationModule(L.LightningModule):
         self._test_slices: list[tuple] = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Dice, HD95 and NSD per case and class. They are computed on the preprocessed grid (cropped,
+        resampled to the target spacing) with that grid's spacing; to score in the original geometry,
+        run ``predict`` and compare the written label maps."""
         if "label" not in batch:
             raise ValueError("test needs reference labels; use predict for images without labels")
         pred = self.predict_volume(batch["image"]).argmax(1, keepdim=True)
