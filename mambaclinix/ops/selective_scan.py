@@ -60,7 +60,9 @@ def selective_scan_ref(
     """Sequential reference: one line of recurrence per time step, autograd for the backward.
 
     Short and obviously correct; memory grows as ``B·E·N·L`` when gradients are needed. Same arguments
-    and returns as :func:`selective_scan`.
+    and returns as :func:`selective_scan`. It deliberately repeats the bias/softplus/``D``/``z`` handling
+    of :func:`selective_scan` instead of sharing it, so that the tests compare against code that owes
+    nothing to the fast paths.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     dtype_in, ct = u.dtype, _compute_dtype(u.dtype)
