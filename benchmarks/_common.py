@@ -13,6 +13,7 @@ import torch
 
 
 def machine_info(device: torch.device | None = None) -> dict:
+    """Platform, CPU, threads, and the versions of Python, torch, numba and MONAI (None if absent)."""
     info = {
         "platform": platform.platform(),
         "processor": _cpu_name(),
@@ -27,6 +28,12 @@ def machine_info(device: torch.device | None = None) -> dict:
         info["numba"] = numba.__version__
     except Exception:
         info["numba"] = None
+    try:
+        import monai
+
+        info["monai"] = monai.__version__
+    except Exception:
+        info["monai"] = None
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, sync  # noqa: E402
 
 from mambaclinix.losses import DiceCELoss, DiceCETverskyLoss, RegionSpecificTverskyLoss, TverskyLoss
 
@@ -67,11 +69,6 @@ RATIOS = [  # (ours, MONAI reference)
 ]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def max_rss_mb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20  # KiB on Linux, bytes on macOS
@@ -108,15 +105,9 @@ def time_case(loss: Callable, x: torch.Tensor, y: torch.Tensor, warmup: int, rep
     }
 
 
-def machine_info(args: argparse.Namespace, device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "monai": getattr(monai, "__version__", None),
+def run_info(args: argparse.Namespace, device: torch.device) -> dict:
+    return {
+        **machine_info(device),
         "device": str(device),
         "dtype": args.dtype,
         "input_shape": [args.batch, args.classes, args.size, args.size, args.size],
@@ -125,9 +116,6 @@ def machine_info(args: argparse.Namespace, device: torch.device) -> dict:
         "repeats": args.repeats,
         "timed": "forward + backward",
     }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.randn(shape, device=device, dtype=getattr(torch, args.dtype)).requires_grad_(True)
     y = torch.randint(0, args.classes, (args.batch, 1, *shape[2:]), device=device)
 
-    info = machine_info(args, device)
+    info = run_info(args, device)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
 
     results = {}

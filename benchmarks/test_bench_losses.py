@@ -7,13 +7,16 @@ paths). MONAI's losses are timed beside ours when MONAI is installed. The machin
 
 from __future__ import annotations
 
-import os
-import platform
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from mambaclinix.losses import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info  # noqa: E402
+
+from mambaclinix.losses import (  # noqa: E402
     DeepSupervisionLoss,
     DiceCELoss,
     DiceCETverskyLoss,
@@ -37,17 +40,7 @@ def _monai_losses():
 
 
 def _run(benchmark, loss, x, y):
-    benchmark.extra_info.update(
-        {
-            "shape": list(SHAPE),
-            "dtype": str(x.dtype),
-            "device": str(x.device),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-        }
-    )
+    benchmark.extra_info.update(machine_info(), shape=list(SHAPE), dtype=str(x.dtype), device=str(x.device))
 
     def step():
         x.grad = None

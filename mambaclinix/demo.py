@@ -46,8 +46,10 @@ class DemoResult:
         ]
         for t in self.tissues:
             lines.append(f"  {t:8s} {self.network[t]:12.3f} {self.baseline[t]:9.3f}")
-        mean = lambda d: sum(d[t] for t in self.tissues) / len(self.tissues)  # noqa: E731
-        lines.append(f"  {'mean':8s} {mean(self.network):12.3f} {mean(self.baseline):9.3f}")
+        net_mean, base_mean = (
+            sum(d[t] for t in self.tissues) / len(self.tissues) for d in (self.network, self.baseline)
+        )
+        lines.append(f"  {'mean':8s} {net_mean:12.3f} {base_mean:9.3f}")
         return "\n".join(lines)
 
 

@@ -84,7 +84,8 @@ def test_every_config_parses(tmp_path):
     data = make_dataset(tmp_path / "data", n=2)
     for cfg in configs:
         # accelerator=cpu: the GPU configs must parse on this machine too
-        args = ["-c", str(cfg), f"--data.data_dir={data}", "--trainer.logger=false", "--trainer.accelerator=cpu"]
+        args = ["-c", str(cfg), f"--data.data_dir={data}", "--trainer.logger=false"]
+        args.append("--trainer.accelerator=cpu")
         cli = lightning_cli(args, run=False)
         assert isinstance(cli.model, SegmentationModule), cfg
         assert cli.model.hparams.num_classes == 3  # linked from the data module

@@ -1,10 +1,10 @@
 """Fused CPU selective-scan kernels, JIT-compiled with numba.
 
-The forward pass runs the recurrence once per ``(batch, channel)`` pair and stores the state only every
-``chunk`` steps (``(B, E, ceil(L / chunk), N)``), never the full ``(B, E, N, L)`` history. The backward
-pass walks the chunks in reverse, recomputes the states of one chunk from its checkpoint into a small
-per-thread buffer, and back-propagates through it. Memory is therefore ``O(B·E·N·L / chunk)`` plus
-``O(B·E·L)`` for the inputs and gradients.
+The forward pass runs the recurrence for blocks of ``LANES`` channels at once (one SIMD vector of state
+per ``n``) and stores the state only every ``chunk`` steps (``(B, ceil(L / chunk), N, E)``), never the
+full ``(B, E, N, L)`` history. The backward pass walks the chunks in reverse, recomputes the states of
+one chunk from its checkpoint into a small per-thread buffer, and back-propagates through it. Memory is
+therefore ``O(B·E·N·L / chunk)`` plus ``O(B·E·L)`` for the inputs and gradients.
 
 The recurrence is evaluated directly (``h = exp(Δ·A)·h + Δ·B·u``); ``exp`` of a non-positive argument
 never overflows, so the kernel stays finite for any ``Δ·|A|`` (unlike log-space cumulative-sum
@@ -53,11 +53,6 @@ def fexp(x):
     return math.exp(x)
 
 
-def zero_like(a):
-    """A zero of ``a``'s dtype (so that float32 accumulators are not promoted to float64)."""
-    return a.dtype.type(0)
-
-
 @overload(fexp)
 def _fexp_impl(x):
     if x == types.float32:
@@ -73,13 +68,6 @@ def _fexp_impl(x):
 
         return impl
     return lambda x: math.exp(x)
-
-
-@overload(zero_like)
-def _zero_like_impl(a):
-    if a.dtype == types.float32:
-        return lambda a: np.float32(0)
-    return lambda a: np.float64(0)
 
 
 LANES = 16  # channels processed together (one vector of state per n)

@@ -51,8 +51,8 @@ class SegmentationModule(L.LightningModule):
             differs only in granularity.
         sw_batch_size, sw_overlap, mirror_tta: sliding-window settings for validation, test and predict.
         channels_last: feed the network ``channels_last_3d`` tensors (faster 3D convolutions on CPU).
-        output_dir: where ``test`` writes ``test_metrics.csv``/``test_slices.png`` and ``predict``
-            writes label maps; default: the logger's directory (``predictions/`` under it for predict).
+        output_dir: where ``test`` writes ``test_metrics.csv``/``test_slices.png`` and ``predict`` writes
+            label maps (into ``predictions/`` under it); default: the logger's directory.
         nsd_tolerance_mm: tolerance τ of the normalised surface Dice reported by ``test``.
     """
 
@@ -214,9 +214,7 @@ class SegmentationModule(L.LightningModule):
         from mambaclinix.inference import write_segmentation
 
         probs = self.predict_volume(batch["image"])
-        out_dir = (
-            self._output_dir() / "predictions" if self.hparams.output_dir is None else self._output_dir()
-        )
+        out_dir = self._output_dir() / "predictions"
         written = []
         for i, meta in enumerate(batch["meta"]):
             full = invert_to_original(probs[i].cpu(), meta)
