@@ -6,7 +6,8 @@ forward+backward adds, for each backend, as ratios against the reference loop me
 
 The reference is :func:`mambaclinix.ops.selective_scan_ref`: time steps pre-split with ``unbind``, one
 line of recurrence per step, autograd for the backward. On CPU the fast path is ``numba``; ``chunked``
-is the portable PyTorch fallback; on a GPU ``cuda`` (mamba-ssm's kernel) joins when installed.
+is the portable PyTorch fallback; on a GPU ``triton`` (our Triton kernels) joins when Triton is installed
+and ``cuda`` (mamba-ssm's kernel) when mamba-ssm is.
 
 Each (backend, L) memory measurement runs in a fresh process (CPU RSS does not shrink reliably).
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, median, peak_memory, time_call  # noqa: E402
 
 from mambaclinix.ops import selective_scan  # noqa: E402
-from mambaclinix.ops.backend import has_mamba_ssm  # noqa: E402
+from mambaclinix.ops.backend import has_mamba_ssm, has_triton  # noqa: E402
 
 
 def make_inputs(batch, E, N, L, device, dtype=torch.float32, seed=0):
@@ -132,6 +133,8 @@ def main(argv=None):
     backends = args.backends
     if backends is None:
         backends = ["reference", "numba", "chunked"] if device.type == "cpu" else ["reference", "chunked"]
+        if device.type == "cuda" and has_triton():
+            backends.append("triton")
         if device.type == "cuda" and has_mamba_ssm():
             backends.append("cuda")
     info = machine_info(device)

@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported: without a GPU, the Triton scan kernels run in
+    # Triton's interpreter on CPU tensors (tests/test_ops_scan_triton.py).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

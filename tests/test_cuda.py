@@ -7,10 +7,12 @@ from _scan_cases import OPTIONS, fresh, make_inputs, rel_err, run
 
 from mambaclinix.layers import Mamba, MambaLayer
 from mambaclinix.ops import causal_conv1d, selective_scan, selective_scan_ref
-from mambaclinix.ops.backend import has_causal_conv1d, has_mamba_ssm
+from mambaclinix.ops.backend import has_causal_conv1d, has_mamba_ssm, has_triton
 
 pytestmark = pytest.mark.cuda
-GPU_BACKENDS = ["chunked"] + (["cuda"] if has_mamba_ssm() else [])
+GPU_BACKENDS = ["chunked"] + (["triton"] if has_triton() else []) + (["cuda"] if has_mamba_ssm() else [])
+# float32 against the float64 reference; the Triton and mamba_ssm kernels use the GPU's fast exp
+TOL = {"chunked": 1e-5, "triton": 1e-4, "cuda": 5e-4}
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -23,24 +25,24 @@ def test_gpu_scan_matches_cpu_reference(L, option, regime, backend):
     ref_out, ref_grads = run(selective_scan_ref, tensors, softplus, g)
     gpu = {k: v.detach().cuda().float().requires_grad_() for k, v in tensors.items()}
     out, grads = run(selective_scan, gpu, softplus, g.cuda(), backend=backend)
-    tol = 1e-5 if backend == "chunked" else 5e-4  # mamba_ssm's kernel computes exp in fast math
-    assert rel_err(out, ref_out) <= tol
-    for name, grad in grads.items():
-        assert rel_err(grad, ref_grads[name]) <= tol, name
+    errors = {"out": rel_err(out, ref_out), **{k: rel_err(v, ref_grads[k]) for k, v in grads.items()}}
+    assert max(errors.values()) <= TOL[backend], errors
 
 
-def test_gpu_float64_chunked_is_exact():
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "cuda"])
+def test_gpu_float64_is_exact(backend):
     tensors, softplus = make_inputs(300, "all", "init")
     g = torch.randn(tensors["u"].shape, dtype=torch.float64)
     ref_out, ref_grads = run(selective_scan_ref, tensors, softplus, g)
     gpu = {k: v.detach().cuda().requires_grad_() for k, v in fresh(tensors, torch.float64).items()}
-    out, grads = run(selective_scan, gpu, softplus, g.cuda(), backend="chunked")
+    out, grads = run(selective_scan, gpu, softplus, g.cuda(), backend=backend)
     assert rel_err(out, ref_out) < 1e-10
     assert all(rel_err(grads[k], ref_grads[k]) < 1e-10 for k in grads)
 
 
-def test_mamba_layer_on_gpu_under_bf16_autocast():
-    layer = MambaLayer(32).cuda()
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_mamba_layer_on_gpu_under_bf16_autocast(backend):
+    layer = MambaLayer(32, scan_backend=backend).cuda()
     x = torch.randn(2, 32, 8, 8, 8, device="cuda")
     with torch.no_grad():
         ref = layer(x)

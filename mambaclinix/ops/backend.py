@@ -12,7 +12,7 @@ Backends are chosen **once**, never guessed per call:
   device                    backend
   ========================  =============================================================
   CUDA, mamba-ssm present   ``"cuda"`` (``mamba_ssm``'s fused kernel)
-  CUDA, no mamba-ssm        ``"chunked"`` (PyTorch loop, recomputed per chunk)
+  CUDA, no mamba-ssm        ``"triton"`` (chunked parallel scan; ``"chunked"`` without Triton)
   CPU, numba present        ``"numba"`` (fused JIT kernel, recomputed per chunk)
   CPU, no numba             ``"chunked"``
   ========================  =============================================================
@@ -21,7 +21,9 @@ Backends are chosen **once**, never guessed per call:
 
 Backends: ``"reference"`` (the sequential loop the tests trust; stores every step for autograd),
 ``"chunked"`` (the same loop with the state checkpointed every ``chunk`` steps, memory-bounded, any
-device), ``"numba"`` (CPU only), ``"cuda"`` (needs ``pip install "mambaclinix[cuda]"`` and CUDA tensors).
+device), ``"numba"`` (CPU only), ``"triton"`` (CUDA tensors and the ``triton`` package, which comes with
+PyTorch's CUDA wheels; with ``TRITON_INTERPRET=1`` it also runs, slowly, on CPU tensors), ``"cuda"``
+(needs ``pip install "mambaclinix[cuda]"`` and CUDA tensors).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 
 logger = logging.getLogger("mambaclinix.ops")
 
-SCAN_BACKENDS = ("auto", "reference", "chunked", "numba", "cuda")
+SCAN_BACKENDS = ("auto", "reference", "chunked", "numba", "triton", "cuda")
 ENV_VAR = "MAMBACLINIX_SCAN_BACKEND"
 
 _default_backend: str | None = None
@@ -70,6 +72,21 @@ def has_numba() -> bool:
 
 
 @functools.cache
+def has_triton() -> bool:
+    """True if triton imports (checked once)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
 def has_mamba_ssm() -> bool:
     """True if ``mamba_ssm``'s compiled selective-scan kernel imports (checked once)."""
     try:
@@ -93,7 +110,7 @@ def has_causal_conv1d() -> bool:
 @functools.cache
 def _auto(device_type: str) -> str:
     if device_type == "cuda":
-        name = "cuda" if has_mamba_ssm() else "chunked"
+        name = "cuda" if has_mamba_ssm() else ("triton" if has_triton() else "chunked")
     elif device_type == "cpu":
         name = "numba" if has_numba() else "chunked"
     else:
@@ -117,6 +134,14 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             raise ValueError(f"scan backend 'numba' runs on CPU tensors only, got device {device}")
         if not has_numba():
             raise ImportError("scan backend 'numba' needs numba: pip install numba")
+    if name == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+            raise ValueError(
+                "scan backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+                f"got device {device}"
+            )
+        if not has_triton():
+            raise ImportError("scan backend 'triton' needs triton: pip install triton")
     if name == "cuda":
         if device.type != "cuda":
             raise ValueError(f"scan backend 'cuda' needs CUDA tensors, got device {device}")

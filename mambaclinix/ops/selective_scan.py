@@ -179,6 +179,39 @@ def _core_numba(u, delta, A, B, C, chunk):
 
 
 # --------------------------------------------------------------------------------------------------
+# "triton": chunked parallel scan for GPUs without mamba-ssm.
+
+
+class _TritonScan(torch.autograd.Function):
+    """Triton kernels (:mod:`mambaclinix.ops._scan_triton`); the backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, chunk: int):
+        from mambaclinix.ops import _scan_triton as k
+
+        u, delta, A, B, C = (t.detach().contiguous() for t in (u, delta, A, B, C))
+        y, hs, last = k.scan_fwd(u, delta, A, B, C, chunk)
+        ctx.save_for_backward(u, delta, A, B, C, hs)
+        ctx.chunk = chunk
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        from mambaclinix.ops import _scan_triton as k
+
+        u, delta, A, B, C, hs = ctx.saved_tensors
+        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype).contiguous()
+        nb, E, _ = u.shape
+        dlast = u.new_zeros(nb, E, A.shape[1]) if dlast is None else dlast.to(u.dtype).contiguous()
+        du, ddelta, dA, dB, dC = k.scan_bwd(u, delta, A, B, C, hs, dy, dlast, ctx.chunk)
+        return du, ddelta, dA, dB, dC, None
+
+
+def _core_triton(u, delta, A, B, C, chunk):
+    return _TritonScan.apply(u, delta, A, B, C, chunk)
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def selective_scan(
@@ -198,14 +231,20 @@ def selective_scan(
     """Selective scan ``y = S6(u; Δ, A, B, C) + D·u``, optionally gated by ``SiLU(z)``.
 
     Args:
-        u: ``(B, E, L)`` input. delta: ``(B, E, L)`` step sizes before bias/softplus.
-        A: ``(E, N)`` state matrix (diagonal per channel). B, C: ``(B, N, L)``.
-        D: ``(E,)`` skip. z: ``(B, E, L)`` gate. delta_bias: ``(E,)``.
+        u: ``(B, E, L)`` input.
+        delta: ``(B, E, L)`` step sizes before bias/softplus.
+        A: ``(E, N)`` state matrix (diagonal per channel).
+        B: ``(B, N, L)`` input projection.
+        C: ``(B, N, L)`` output projection.
+        D: ``(E,)`` skip, or None.
+        z: ``(B, E, L)`` gate, or None.
+        delta_bias: ``(E,)``, or None.
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state ``(B, E, N)``.
-        backend: ``None`` (process default), ``"auto"``, ``"reference"``, ``"chunked"``, ``"numba"`` or
-            ``"cuda"``; see :mod:`mambaclinix.ops.backend`.
-        chunk: state checkpoint interval of the ``"chunked"`` and ``"numba"`` backends; memory is
+        backend: ``None`` (process default), ``"auto"``, ``"reference"``, ``"chunked"``, ``"numba"``,
+            ``"triton"`` or ``"cuda"``; see :mod:`mambaclinix.ops.backend`.
+        chunk: state checkpoint interval of the ``"chunked"``, ``"numba"`` and ``"triton"`` backends
+            (``"triton"`` rounds it to a power of two, at most 128); memory is
             ``O(B·E·N·L / chunk + B·E·N·chunk)``.
 
     Returns:
@@ -227,7 +266,7 @@ def selective_scan(
         delta = delta + delta_bias.to(ct)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    core = _core_numba if name == "numba" else _core_chunked
+    core = {"numba": _core_numba, "triton": _core_triton}.get(name, _core_chunked)
     y, last = core(u, delta, A, B, C, chunk)
     if D is not None:
         y = y + u * D.to(ct)[:, None]
