@@ -9,7 +9,8 @@ line of recurrence per step, autograd for the backward. On CPU the fast path is 
 is the portable PyTorch fallback; on a GPU ``triton`` (our Triton kernels) joins when Triton is installed
 and ``cuda`` (mamba-ssm's kernel) when mamba-ssm is.
 
-Each (backend, L) memory measurement runs in a fresh process (CPU RSS does not shrink reliably).
+On the CPU each (backend, L) measurement runs in a fresh process (RSS does not shrink reliably); on CUDA
+all run in one process, with the peak allocation reset per measurement.
 
     python benchmarks/bench_scan.py                      # CPU, all lengths
     python benchmarks/bench_scan.py --device cuda --json results/scan_cuda.json
@@ -74,6 +75,16 @@ def measure_one(args) -> dict:
 
 
 def run_child(args, backend, L, memory: bool) -> dict:
+    """One measurement: in a fresh process on the CPU (its RSS is the measurement's own); in this process
+    on CUDA (``max_memory_allocated`` is reset per measurement, and a CUDA context costs seconds)."""
+    if args.device.startswith("cuda"):
+        one = argparse.Namespace(**{**vars(args), "backend": backend, "L": L, "memory": memory})
+        try:
+            return measure_one(one)
+        except Exception as e:  # one backend failing must not lose the others' results
+            return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        finally:
+            torch.cuda.empty_cache()
     cmd = [sys.executable, __file__, "--child", "--device", args.device, "--backend", backend, "--L", str(L)]
     cmd += [
         "--batch",

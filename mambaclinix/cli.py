@@ -4,8 +4,12 @@
 ``LightningCLI`` over :class:`~mambaclinix.training.SegmentationModule` and
 :class:`~mambaclinix.data.SegmentationDataModule`; the data module's channel count, class count, class
 names and patch size are linked into the model. ``--ckpt_path last`` resumes or evaluates the last
-checkpoint. ``mambaclinix demo-data DIR`` builds the embedded brain-MRI dataset and ``mambaclinix demo``
+checkpoint. Every Trainer gets a :class:`~mambaclinix.training.NonFiniteGuard` (skips steps with NaN/inf
+losses or gradients, stops after 5 in a row) unless ``trainer.callbacks`` lists one with other settings.
+``mambaclinix demo-data DIR`` builds the embedded brain-MRI dataset and ``mambaclinix demo``
 runs the whole demo (data, training, test, Dice per tissue against an intensity-only baseline).
+``mambaclinix plan DATA_DIR`` fingerprints a dataset and writes its plan and a ready config
+(``docs/planning.md``).
 """
 
 from __future__ import annotations
@@ -27,18 +31,20 @@ TRAINER_DEFAULTS = {
 
 # Set on the parser (not as trainer_defaults objects) so that a config file can replace them. Both loggers
 # write into one fixed run folder (``runs/mambaclinix``; no version_N), so checkpoints land in
-# ``runs/mambaclinix/checkpoints`` and ``--ckpt_path last`` finds them from any later command.
+# ``runs/mambaclinix/checkpoints`` and ``--ckpt_path last`` finds them from any later command. ``last.ckpt``
+# is written at every validation and every 100 optimizer steps (``last_every_n_train_steps``), atomically;
+# ``metrics.csv`` is appended to by every command (Lightning's CSVLogger would delete it).
 PARSER_DEFAULTS = {
     "trainer.logger": [
-        {"class_path": "lightning.pytorch.loggers.CSVLogger",
+        {"class_path": "mambaclinix.training.AppendingCSVLogger",
          "init_args": {"save_dir": "runs", "name": "mambaclinix", "version": ""}},
         {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
          "init_args": {"save_dir": "runs", "name": "mambaclinix", "version": ""}},
     ],
     "trainer.callbacks": [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        {"class_path": "mambaclinix.training.ResumableCheckpoint",
          "init_args": {"save_last": True, "monitor": "val/dice_mean", "mode": "max",
-                       "filename": "best-{epoch}"}},
+                       "filename": "best-{epoch}", "last_every_n_train_steps": 100}},
         {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
         {"class_path": "mambaclinix.training.TrainingCurves"},
     ],
@@ -54,6 +60,42 @@ class MambaClinixCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.patch_size", "model.patch_size", apply_on="parse")
+
+    def _parse_ckpt_path(self) -> None:
+        """Fill the model's arguments from ``--ckpt_path``'s hyperparameters, as Lightning does, but keep
+        every model argument the user set (config file or command line): Lightning's own version lets
+        the checkpoint overwrite them, so ``predict --ckpt_path X --model.output_dir Y`` ignored ``Y``."""
+        sub = self.config.get("subcommand")
+        if not sub or not self.config[sub].get("ckpt_path"):
+            return super()._parse_ckpt_path()
+        given = self.config[sub].get("model")
+        defaults = self.parser._subcommands_action._name_parser_map[sub].get_defaults().get("model")
+        explicit = {}
+        if given is not None and defaults is not None:
+            given, defaults = given.as_dict(), defaults.as_dict()
+            explicit = {k: v for k, v in given.items() if k not in defaults or v != defaults[k]}
+        super()._parse_ckpt_path()
+        for key, value in explicit.items():
+            self.config[sub]["model"][key] = value
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with :class:`~mambaclinix.training.AtomicCheckpointIO` unless ``trainer.plugins``
+        names another ``CheckpointIO``: a crash while saving never truncates a checkpoint."""
+        from lightning.fabric.plugins import CheckpointIO
+
+        from mambaclinix.training import AtomicCheckpointIO
+
+        plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        trainer = super().instantiate_trainer(**kwargs)
+        # NaN/inf safety on by default, also when a config replaces the callback list
+        from mambaclinix.training import NonFiniteGuard
+
+        if not any(isinstance(cb, NonFiniteGuard) for cb in trainer.callbacks):
+            trainer.callbacks.append(NonFiniteGuard())
+        return trainer
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -114,8 +156,17 @@ def demo_main(argv: Sequence[str]) -> None:
     print(result.table())
 
 
+def plan_main(argv: Sequence[str]) -> None:
+    """``mambaclinix plan DATA_DIR``: fingerprint a dataset, write its plan and a LightningCLI config."""
+    from mambaclinix.planning.planner import command_line
+
+    command_line(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "plan":
+        return plan_main(args[1:])
     if args and args[0] == "demo-data":
         return demo_data_main(args[1:])
     if args and args[0] == "demo":

@@ -76,6 +76,19 @@ def test_predictions_keep_the_input_geometry(run_dir):
         assert np.issubdtype(pred.get_data_dtype(), np.integer)
 
 
+def test_model_arguments_given_with_a_checkpoint_override_its_hyperparameters(run_dir, tmp_path, monkeypatch):
+    root, data, _ = run_dir
+    ckpt = root / "runs/mambaclinix/checkpoints/last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["output_dir"] is None
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "elsewhere"
+    main(["predict", f"--data.data_dir={data}", *COMMON, f"--ckpt_path={ckpt}", f"--model.output_dir={out}"])
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["case_004.nii.gz", "case_005.nii.gz"]
+    # what the user did not give still comes from the checkpoint
+    saved = (tmp_path / "runs/mambaclinix/config_predict.yaml").read_text()
+    assert "net: mambaclinix_tiny" in saved
+
+
 def test_every_config_parses(tmp_path):
     from mambaclinix.cli import lightning_cli
     from mambaclinix.demo import config_path

@@ -38,6 +38,7 @@ _LAZY = {
     "preprocess_to_cache": "mambaclinix.data.preprocessing",
     "ForegroundOversamplingSampler": "mambaclinix.data.sampling",
     "nnunet_augmentation": "mambaclinix.data.augmentation",
+    "validate_cases": "mambaclinix.data.validation",
 }
 
 __all__ = ["build_demo_dataset", "kmeans_baseline_dice", "kmeans_tissue_baseline", *_LAZY]

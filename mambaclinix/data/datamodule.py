@@ -17,7 +17,9 @@ or a list of files; nnU-Net v2 channel files are grouped by case) or, by default
 the manifest's unlabelled unassigned rows.
 
 **Preprocessing** happens in :meth:`SegmentationDataModule.prepare_data` (one process per node, the
-cache in ``cache_dir``; see :mod:`mambaclinix.data.preprocessing`). The plan (median spacing, CT
+cache in ``cache_dir``; see :mod:`mambaclinix.data.preprocessing`), after a check of every file of the
+stage's cases (:mod:`mambaclinix.data.validation`, ``validate=False`` skips it) that fails early with one
+error listing every problem. The plan (median spacing, CT
 statistics) always comes from the whole labelled training pool, so every fold shares one cache. When a
 Trainer is attached only the cases its stage needs are preprocessed (fit/validate: training pool;
 test: test cases; predict: prediction cases); called by hand, everything. :meth:`setup` only reads the
@@ -36,14 +38,26 @@ each rank loads only its own subjects (``drop_last=False``: with a subject count
 world size, up to ``world − 1`` subjects per pass also appear on a second rank, as with Lightning's own
 sampler). The outer loader's sampler is a one-replica ``DistributedSampler`` over the patch stream, so
 Lightning does not inject its own sampler: ``use_distributed_sampler`` may keep its default ``True``.
-Validation/test/predict loaders are plain ``DataLoader`` s over whole volumes, which Lightning shards
-across ranks as usual.
+Validation/test/predict loaders hold whole volumes, one per batch, and shard them without repetition: rank
+``r`` of ``w`` takes cases ``r, r + w, …`` (each case on exactly one rank; Lightning's own sampler would
+repeat cases to even out the ranks and count them twice). Ranks left with fewer cases get padding batches
+of a repeated case marked ``batch["duplicate"] = [True]``, which
+:class:`~mambaclinix.training.SegmentationModule` skips, so every rank runs the same number of steps.
 
 **Determinism.** Given ``seed``: the split; the subject order of pass ``p`` (``DistributedSampler`` with
 ``set_epoch(p)``); the augmentation of each subject load (torch seeded from ``(seed, p, subject)``
 inside ``torch.random.fork_rng``, independent of worker count and process); the patch positions (a
 generator seeded per subject load); the Queue's patch shuffling (its own generator seeded from
-``(seed, rank)``). The global RNG state of the training process is not touched.
+``(seed, rank)`` and reseeded from it and the epoch at each epoch). The global RNG state of the training
+process is not touched.
+
+**Epochs and resuming.** Each epoch restarts the patch stream (empty queue; subject passes
+``epoch · 2^20, …``; shuffle reseeded), so the patches of epoch ``e`` depend only on ``(seed, rank, world
+size, e)`` and not on what earlier epochs left in the queue. :meth:`SegmentationDataModule.state_dict`
+(saved in every checkpoint) records the epoch and the training batches already done in it; resuming from a
+mid-epoch checkpoint (``--ckpt_path last``) regenerates that epoch's stream and skips those batches
+(loading and cutting their patches again, without training on them), so the resumed run trains on
+exactly the patches the uninterrupted run would have (same world size and data settings).
 
 **Batches** — every loader yields a plain ``dict``:
 
@@ -53,16 +67,18 @@ generator seeded per subject load); the Queue's patch shuffling (its own generat
 * ``"name"``: ``list[str]`` of case names,
 * ``"meta"``: ``list[dict]``, one per case, with the keys listed in :mod:`mambaclinix.data.preprocessing`
   (``image_paths``, ``original_shape``, ``original_affine``, ``crop_bbox``, ``spacing``, …) — what
-  :func:`~mambaclinix.data.preprocessing.invert_to_original` and a prediction writer need.
+  :func:`~mambaclinix.data.preprocessing.invert_to_original` and a prediction writer need,
+* ``"duplicate"``: ``list[bool]``, only in the padding batches of distributed evaluation (see above).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +129,8 @@ def collate_subjects(subjects: Sequence[tio.Subject]) -> dict[str, Any]:
         batch["label"] = torch.stack([s["label"].data.long() for s in subjects])
     batch["name"] = [str(s["name"]) for s in subjects]
     batch["meta"] = [s["meta"] for s in subjects]
+    if any(s.get("duplicate", False) for s in subjects):
+        batch["duplicate"] = [bool(s.get("duplicate", False)) for s in subjects]
     return batch
 
 
@@ -154,12 +172,29 @@ class _PassSampler(Sampler[int]):
             yield current * self.num_subjects + int(index)
 
 
+_PASS_STRIDE = 1 << 20
+"""Subject passes reserved per epoch: epoch ``e`` reads passes ``e · _PASS_STRIDE``, ``+ 1``, …"""
+
+
 class _PatchQueue(tio.Queue):
-    """``tio.Queue`` with a seeded patch shuffle and an epoch length that does not iterate the sampler."""
+    """``tio.Queue`` with a seeded patch shuffle, an epoch length that does not iterate the sampler, and
+    :meth:`restart` to begin the patch stream of a given epoch."""
 
     def __init__(self, *args, seed: int, **kwargs):
         super().__init__(*args, **kwargs)
+        self._seed = int(seed)
         self._generator = torch.Generator().manual_seed(seed)
+
+    def restart(self, epoch: int) -> None:
+        """Drop the queued patches (and the subject loader with its workers) and start epoch ``epoch``'s
+        stream: subject passes from ``epoch · _PASS_STRIDE``, patch shuffle seeded from ``(seed, epoch)``.
+        The stream of an epoch is thus a function of ``(seed, rank, world size, epoch)`` alone."""
+        self.patches_list = []
+        self._incomplete_subject = None
+        self._num_patches_incomplete = 0
+        self._subjects_iterable = None
+        self.subject_sampler.pass_index = int(epoch) * _PASS_STRIDE
+        self._generator.manual_seed(_mix(self._seed, int(epoch)))
 
     @property
     def iterations_per_epoch(self) -> int:
@@ -184,6 +219,67 @@ class _PatchStream(Dataset):
         return self.queue[index]
 
 
+class _TrainLoader(DataLoader):
+    """The training ``DataLoader``: each ``iter()`` (one epoch) first calls ``on_iter`` (which restarts the
+    patch stream). ``state_dict``/``load_state_dict`` are the data module's stream position (Lightning saves
+    and restores it as the data module's state; loading it twice is harmless)."""
+
+    def __init__(
+        self, *args, on_iter: Callable[[_TrainLoader], None], module: SegmentationDataModule, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self._on_iter = on_iter
+        self._module = module
+        self.next_epoch = 0  # the epoch of the next iter() when no Trainer is attached
+
+    def __iter__(self):
+        self._on_iter(self)
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._module.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._module.load_state_dict(state_dict)
+
+
+class _ShardSampler(DistributedSampler):
+    """Evaluation sampler: rank ``r`` of ``w`` takes cases ``r, r + w, r + 2w, …`` of the (unshuffled)
+    dataset, each case on exactly one rank. Ranks with fewer cases are padded to the same number of
+    batches with keys ``>= len(dataset)``, which :class:`_EvalDataset` turns into copies marked
+    ``duplicate`` that the ``LightningModule`` skips; equal batch counts keep every collective call (DDP's
+    buffer broadcast, metric syncs) matched across ranks. A ``DistributedSampler``, so Lightning does not
+    replace it."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        n = len(dataset)  # type: ignore[arg-type]
+        self.num_samples = max(1, math.ceil(n / num_replicas))
+        self.total_size = self.num_samples * num_replicas
+        self.own = list(range(rank, n, num_replicas))
+
+    def __iter__(self):
+        n = len(self.dataset)  # type: ignore[arg-type]
+        pad = [n + (i % max(n, 1)) for i in range(self.num_samples - len(self.own))]
+        return iter(self.own + pad)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class _EvalDataset(tio.SubjectsDataset):
+    """Whole-volume subjects; key ``n + i`` (``n`` subjects) is a copy of subject ``i`` marked
+    ``duplicate=True`` (padding of :class:`_ShardSampler`)."""
+
+    def __getitem__(self, index: int) -> tio.Subject:
+        n = len(self._subjects)
+        if int(index) < n:
+            return super().__getitem__(int(index))
+        subject = super().__getitem__(int(index) % n)
+        subject["duplicate"] = True
+        return subject
+
+
 def _distributed_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -191,6 +287,16 @@ def _distributed_world() -> tuple[int, int]:
 
 
 def _subject(entry: CachedCase) -> tio.Subject:
+    for path in (entry.image_path, entry.label_path):
+        if path is None:
+            continue
+        try:  # header and file size only (memory map): a truncated cache file fails here, before training
+            np.load(path, mmap_mode="r")
+        except Exception as err:
+            raise DatasetError(
+                f"case '{entry.name}': preprocessed file {path} is unreadable ({type(err).__name__}: {err}); "
+                f"delete the folder {path.parent} to have the case preprocessed again"
+            ) from err
     images: dict[str, Any] = {"image": tio.ScalarImage(entry.image_path, reader=read_cached_array)}
     if entry.label_path is not None:
         images["label"] = tio.LabelMap(entry.label_path, reader=read_cached_array)
@@ -227,6 +333,11 @@ class SegmentationDataModule(L.LightningDataModule):
             training subjects.
         image_interpolation: image resampling in preprocessing, ``"bspline"`` (3rd order) or ``"linear"``.
         label_interpolation: label resampling in preprocessing, ``"nearest"`` or ``"onehot_linear"``.
+        validate: in ``prepare_data``, check every file of the stage's cases with
+            :func:`~mambaclinix.data.validation.validate_cases` before preprocessing, and raise one error
+            listing every problem. It reads each file once (about the cost of preprocessing without the
+            resampling); a passed check is remembered in the cache (keyed by the files' paths, sizes and
+            modification times), so later runs on unchanged files skip it. ``False`` skips the check.
     """
 
     def __init__(
@@ -251,6 +362,7 @@ class SegmentationDataModule(L.LightningDataModule):
         iterations_per_epoch: int | None = None,
         image_interpolation: str = "bspline",
         label_interpolation: str = "nearest",
+        validate: bool = True,
     ) -> None:
         super().__init__()
         if (data_dir is None) == (manifest is None):
@@ -320,6 +432,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.iterations_per_epoch = iterations_per_epoch
         self.image_interpolation = image_interpolation
         self.label_interpolation = label_interpolation
+        self.validate = bool(validate)
 
         self._info_loaded = False
         self._info_value: DatasetInfo | None = None
@@ -331,6 +444,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.test_subjects: list[tio.Subject] = []
         self.predict_subjects: list[tio.Subject] = []
         self.train_subject_sampler: DistributedSampler | None = None
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches) from a checkpoint
 
     # ------------------------------------------------------------------------------ dataset description
 
@@ -507,6 +621,8 @@ class SegmentationDataModule(L.LightningDataModule):
         fn = None if self.trainer is None else self.trainer.state.fn
         stage = None if fn is None else str(fn.value)
         cases = self._stage_cases(stage)
+        if self.validate:
+            self.validate_files(cases)
         entries = self._cached(cases, num_workers=self.num_workers)
         computed = sum(not e.from_cache for e in entries)
         logger.info(
@@ -515,6 +631,29 @@ class SegmentationDataModule(L.LightningDataModule):
             computed,
             len(entries) - computed,
         )
+
+    def validate_files(self, cases: Sequence[Case]) -> None:
+        """Run :func:`~mambaclinix.data.validation.validate_cases` on ``cases`` against ``dataset.json``
+        unless the same files (paths, sizes, modification times) already passed; remember a pass in the
+        cache root.
+
+        Raises:
+            DatasetError: the problems found, each naming the case and file.
+        """
+        from mambaclinix.data.preprocessing import case_signature
+        from mambaclinix.data.validation import validate_cases
+
+        info = self._info
+        described = None if info is None else [list(info.channel_names), sorted(info.labels)]
+        key = json.dumps([1, described, [case_signature(c) for c in cases]], sort_keys=True)
+        marker = self.cache_root() / f"validated-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        if marker.is_file():
+            logger.info("dataset check: %d case(s) unchanged since the last check (%s)", len(cases), marker)
+            return
+        report = validate_cases(cases, info)
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"cases": [c.name for c in cases], "empty_labels": report.empty_labels}))
+        os.replace(tmp, marker)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the subject lists of ``stage`` from the cache.
@@ -566,20 +705,75 @@ class SegmentationDataModule(L.LightningDataModule):
         else:
             num_patches = math.ceil(len(queue) / self.batch_size) * self.batch_size
         stream = _PatchStream(queue, num_patches)
-        return DataLoader(
+        return _TrainLoader(
             stream,
             batch_size=self.batch_size,
             # One replica over the stream: Lightning then leaves the sampler alone under DDP.
             sampler=DistributedSampler(stream, num_replicas=1, rank=0, shuffle=False),
             num_workers=0,  # the Queue's own workers load the subjects
             collate_fn=collate_subjects,
+            on_iter=self._start_epoch_stream,
+            module=self,
         )
 
+    def _start_epoch_stream(self, loader: _TrainLoader) -> None:
+        """Restart the patch stream of ``loader`` at the current epoch (the Trainer's, else the loader's
+        count of ``iter()`` calls). The
+        first ``iter()`` after a checkpoint was loaded starts at the saved position instead: the Trainer may
+        create its iterator before it restores its own epoch counter (``estimated_stepping_batches`` in
+        ``configure_optimizers``), and keeps that iterator for the resumed epoch."""
+        skip = 0
+        if self._resume_position is not None:
+            epoch, skip = self._resume_position
+            self._resume_position = None
+        elif self.trainer is not None:
+            epoch = int(self.trainer.current_epoch)
+        else:
+            epoch = loader.next_epoch
+        queue = loader.dataset.queue
+        queue.restart(epoch)
+        if skip:
+            logger.info("resuming epoch %d of the patch stream after %d batch(es)", epoch, skip)
+            for _ in range(skip * self.batch_size):
+                queue[0]
+        loader.next_epoch = epoch + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position, saved in checkpoints: ``{"epoch", "batches", "seed"}``, the epoch
+        to continue and the batches of it already trained on (the next epoch and 0 at an epoch's end);
+        empty without a fitting Trainer."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn is None or str(trainer.state.fn.value) != "fit":
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        epoch, batches = int(trainer.current_epoch), int(progress.current.ready)
+        if progress.is_last_batch or batches >= trainer.num_training_batches:
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the saved stream position: the next training ``iter()`` regenerates that epoch's stream
+        and skips the batches already trained on, so the resumed run sees the patches the uninterrupted
+        run would."""
+        if not state_dict:
+            return
+        if state_dict.get("seed", self.seed) != self.seed:
+            logger.warning(
+                "the checkpoint was trained with data seed %s, this run uses %s: the patch stream differs",
+                state_dict.get("seed"),
+                self.seed,
+            )
+        self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
     def _volume_loader(self, subjects: list[tio.Subject]) -> DataLoader:
+        dataset = _EvalDataset(subjects)
+        world, rank = _distributed_world()
         return DataLoader(
-            tio.SubjectsDataset(subjects),
+            dataset,
             batch_size=1,
-            shuffle=False,
+            # Under DDP each case is evaluated on exactly one rank (Lightning's own sampler would repeat
+            # cases to even out the ranks); outside it, this is the plain sequential order.
+            sampler=_ShardSampler(dataset, world, rank),
             num_workers=self.num_workers,
             collate_fn=collate_subjects,
         )

@@ -89,6 +89,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CachedCase",
+    "Fingerprint",
     "IntensityStats",
     "PreprocessedCase",
     "PreprocessingPlan",
@@ -330,10 +331,16 @@ def load_case(
         ``image`` float32 ``(C, W, H, D)``, its ``(4, 4)`` affine, ``label`` int64 ``(W, H, D)`` or ``None``.
 
     Raises:
-        DatasetError: unreadable file, channel count different from ``num_channels``, channel files or
-            label with another spatial shape, label values that are negative, fractional or
-            ``>= num_classes`` (each names the case and file).
+        DatasetError: unreadable or truncated file, NaN/inf intensities, channel count different from
+            ``num_channels``, channel files or label with another spatial shape, label values that are
+            negative, fractional or ``>= num_classes`` (each names the case and file).
     """
+    from mambaclinix.data.validation import nifti_truncation
+
+    for path in (*case.image_paths, *(() if case.label_path is None else (case.label_path,))):
+        truncated = nifti_truncation(path)  # SimpleITK would zero-fill the missing voxels silently
+        if truncated is not None:
+            raise DatasetError(f"case '{case.name}': corrupt NIfTI file {path}: {truncated}")
     channels, affine = [], None
     for path in case.image_paths:
         try:
@@ -355,7 +362,13 @@ def load_case(
                 logger.warning(
                     "case '%s': %s has a different affine than %s", case.name, path, case.image_paths[0]
                 )
-        channels.append(data.numpy().astype(np.float32, copy=False))
+        array = data.numpy().astype(np.float32, copy=False)
+        if not np.isfinite(array).all():
+            raise DatasetError(
+                f"case '{case.name}': image {path} has {int(np.isnan(array).sum())} NaN and "
+                f"{int(np.isinf(array).sum())} infinite intensities; expected finite values"
+            )
+        channels.append(array)
     image_array = np.concatenate(channels, axis=0) if len(channels) > 1 else channels[0]
     if num_channels is not None and image_array.shape[0] != num_channels:
         raise DatasetError(
@@ -401,15 +414,55 @@ def load_case(
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """Dataset properties the plan needs: spacings and (optionally) CT foreground statistics."""
+    """Dataset properties the preprocessing plan and the dataset planner need.
+
+    Attributes:
+        spacings: spacing (mm) of every case, per axis of TorchIO's array.
+        intensity: foreground (label > 0) intensity statistics per channel (``None`` when not computed).
+        shapes: spatial shape of every case (``None`` unless computed with ``full=True``).
+        cropped_shapes: shape of every case after cropping to the non-zero region (``full=True``).
+        class_voxels: label value → voxels of that class over all cases (``full=True``).
+    """
 
     spacings: tuple[tuple[float, float, float], ...]
     intensity: tuple[IntensityStats, ...] | None
+    shapes: tuple[tuple[int, int, int], ...] | None = None
+    cropped_shapes: tuple[tuple[int, int, int], ...] | None = None
+    class_voxels: dict[int, int] | None = None
 
     @property
     def median_spacing(self) -> tuple[float, float, float]:
         m = np.median(np.asarray(self.spacings), axis=0)
         return float(m[0]), float(m[1]), float(m[2])
+
+    def to_json(self) -> dict[str, Any]:
+        def rows(value):
+            return None if value is None else [list(s) for s in value]
+
+        voxels = self.class_voxels
+        return {
+            "spacings": rows(self.spacings),
+            "intensity": rows(self.intensity),
+            "shapes": rows(self.shapes),
+            "cropped_shapes": rows(self.cropped_shapes),
+            "class_voxels": None if voxels is None else {str(k): v for k, v in voxels.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Fingerprint:
+        def shapes(key: str):
+            value = data.get(key)
+            return None if value is None else tuple(tuple(int(v) for v in s) for s in value)
+
+        intensity = data["intensity"]
+        voxels = data.get("class_voxels")
+        return cls(
+            spacings=tuple(tuple(float(v) for v in s) for s in data["spacings"]),  # type: ignore[misc]
+            intensity=None if intensity is None else tuple(IntensityStats(*s) for s in intensity),
+            shapes=shapes("shapes"),  # type: ignore[arg-type]
+            cropped_shapes=shapes("cropped_shapes"),  # type: ignore[arg-type]
+            class_voxels=None if voxels is None else {int(k): int(v) for k, v in voxels.items()},
+        )
 
 
 def compute_fingerprint(
@@ -417,33 +470,44 @@ def compute_fingerprint(
     num_channels: int,
     with_intensity: bool,
     cache_root: str | Path | None = None,
+    full: bool = False,
+    num_classes: int | None = None,
 ) -> Fingerprint:
     """Spacing of every training case (from the headers) and, with ``with_intensity``, the foreground
     intensity statistics of every channel (reads images and labels).
 
+    With ``full`` (the dataset planner, :mod:`mambaclinix.planning`) every image and label is read and the
+    fingerprint also holds the shapes, the shapes after cropping to the non-zero region (as
+    :func:`preprocess_case` crops) and the voxel count of every class; the intensity statistics are
+    computed too. Each case contributes at most ``FOREGROUND_SAMPLES_PER_CASE`` foreground voxels (drawn
+    with a fixed seed) to the statistics, so the CT statistics are the same with or without ``full``.
+
     Cached in ``cache_root/fingerprint-<key>.json`` when ``cache_root`` is given.
 
     Raises:
-        DatasetError: no cases; ``with_intensity`` but a case has no label or no case has foreground.
+        DatasetError: no cases; ``with_intensity``/``full`` but a case has no label or no case has
+            foreground; the errors of :func:`load_case` (with ``num_classes``: label values out of range).
     """
     if not cases:
         raise DatasetError("cannot compute the dataset fingerprint: there are no training cases")
-    key = _hash([CACHE_VERSION, num_channels, with_intensity, [case_signature(c) for c in cases]])
+    with_intensity = with_intensity or full
+    key_parts: list = [CACHE_VERSION, num_channels, with_intensity, [case_signature(c) for c in cases]]
+    if full:
+        key_parts.append(["full", num_classes])
+    key = _hash(key_parts)
     path = Path(cache_root) / f"fingerprint-{key}.json" if cache_root is not None else None
     if path is not None and path.is_file():
-        data = json.loads(path.read_text())
-        intensity = data["intensity"]
-        return Fingerprint(
-            spacings=tuple(tuple(s) for s in data["spacings"]),
-            intensity=None if intensity is None else tuple(IntensityStats(*s) for s in intensity),
-        )
+        return Fingerprint.from_json(json.loads(path.read_text()))
     spacings = []
+    shapes: list[tuple[int, int, int]] = []
+    cropped: list[tuple[int, int, int]] = []
+    class_voxels: dict[int, int] = {}
     samples: list[list[np.ndarray]] = [[] for _ in range(num_channels)]
     for case in cases:
         if with_intensity:
             if case.label_path is None:
                 raise DatasetError(f"case '{case.name}': CT statistics need a label, none given")
-            image, affine, label = load_case(case, num_channels)
+            image, affine, label = load_case(case, num_channels, num_classes)
             assert label is not None
             fg = np.flatnonzero(label.reshape(-1) > 0)
             if fg.size > FOREGROUND_SAMPLES_PER_CASE:
@@ -452,6 +516,13 @@ def compute_fingerprint(
             flat = image.reshape(image.shape[0], -1)
             for c in range(num_channels):
                 samples[c].append(flat[c, fg].astype(np.float64))
+            if full:
+                shapes.append(tuple(int(n) for n in image.shape[1:]))  # type: ignore[arg-type]
+                bbox = nonzero_bbox((image != 0).any(axis=0))
+                cropped.append(tuple(b - a for a, b in bbox))  # type: ignore[arg-type]
+                counts = np.bincount(label.reshape(-1))
+                for value in np.flatnonzero(counts):
+                    class_voxels[int(value)] = class_voxels.get(int(value), 0) + int(counts[value])
         else:
             affine = tio.ScalarImage(case.image_paths[0]).affine
         spacings.append(_spacing(affine))
@@ -467,16 +538,15 @@ def compute_fingerprint(
                 IntensityStats(float(values.mean()), float(values.std()), float(lower), float(upper))
             )
         intensity = tuple(stats)
-    fingerprint = Fingerprint(tuple(spacings), intensity)
+    fingerprint = Fingerprint(
+        tuple(spacings),
+        intensity,
+        tuple(shapes) if full else None,
+        tuple(cropped) if full else None,
+        dict(sorted(class_voxels.items())) if full else None,
+    )
     if path is not None:
-        _write_json_atomic(
-            path,
-            {
-                "spacings": [list(s) for s in fingerprint.spacings],
-                "intensity": None if intensity is None else [list(s) for s in intensity],
-                "cases": [c.name for c in cases],
-            },
-        )
+        _write_json_atomic(path, {**fingerprint.to_json(), "cases": [c.name for c in cases]})
     return fingerprint
 
 
@@ -668,8 +738,14 @@ def read_cached_array(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     """TorchIO ``reader`` for cache entries: the ``.npy`` array and the preprocessed affine from the
     ``meta.json`` beside it."""
     path = Path(path)
-    array = np.load(path)
-    affine = np.asarray(json.loads((path.parent / "meta.json").read_text())["preprocessed_affine"])
+    try:
+        array = np.load(path)
+        affine = np.asarray(json.loads((path.parent / "meta.json").read_text())["preprocessed_affine"])
+    except Exception as err:  # truncated/corrupt .npy or meta.json, file removed under a running job
+        raise DatasetError(
+            f"preprocessed case {path.parent.name}: cannot read {path} ({type(err).__name__}: {err}); "
+            f"delete the folder {path.parent} to have the case preprocessed again"
+        ) from err
     return torch.from_numpy(array), affine
 
 

@@ -33,9 +33,15 @@ class Mamba(nn.Module):
         d_conv: causal conv1d width.
         expand: inner width ``E = expand · d_model``.
         dt_rank: rank ``R`` of the Δ projection; ``"auto"`` is ``ceil(d_model / 16)``.
-        dt_min, dt_max, dt_init, dt_scale, dt_init_floor: Δ initialisation, as in ``mamba_ssm``
-            (bias = inverse softplus of a log-uniform Δ in ``[dt_min, dt_max]``, floored).
-        conv_bias: bias of the conv1d. bias: bias of ``in_proj``/``out_proj``.
+        dt_min: smallest initial Δ. The Δ initialisation is that of ``mamba_ssm``: the ``dt_proj`` bias
+            is the inverse softplus of a log-uniform Δ in ``[dt_min, dt_max]``, floored at ``dt_init_floor``.
+        dt_max: largest initial Δ.
+        dt_init: ``dt_proj`` weight initialisation: ``"random"`` (uniform in ``±dt_scale / sqrt(dt_rank)``)
+            or ``"constant"`` (every weight ``dt_scale / sqrt(dt_rank)``).
+        dt_scale: scale of the ``dt_proj`` weight initialisation.
+        dt_init_floor: floor of the initial Δ.
+        conv_bias: bias of the conv1d.
+        bias: bias of ``in_proj``/``out_proj``.
         scan_backend: selective-scan backend (``None`` = process default; see
             :mod:`mambaclinix.ops.backend`).
         conv_backend: causal-conv1d backend (``None``/``"auto"``, ``"torch"``, ``"cuda"``).
@@ -147,7 +153,10 @@ class MambaLayer(nn.Module):
 
     Args:
         dim: channels ``C``.
-        d_state, d_conv, expand, dt_rank: passed to :class:`Mamba`.
+        d_state: state size ``N`` per channel, passed to :class:`Mamba`.
+        d_conv: causal conv1d width, passed to :class:`Mamba`.
+        expand: inner width factor, passed to :class:`Mamba`.
+        dt_rank: rank of the Δ projection (``"auto"``: ``ceil(dim / 16)``), passed to :class:`Mamba`.
         scan_backend: selective-scan backend (``None`` = process default).
         conv_backend: causal-conv1d backend.
 

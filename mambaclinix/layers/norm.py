@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["LayerNormChannels", "ChannelLayerNorm"]
 
@@ -13,8 +14,10 @@ class LayerNormChannels(nn.Module):
 
     Every voxel is normalised over its ``C`` channels (biased variance), then a per-channel affine
     ``weight * x + bias`` is applied. This is the "channel LayerNorm" of the HGCN block and of the junction
-    before the last HGCN stage (MambaClinix §3.2, spec §1); it equals ``F.layer_norm`` on the tensor
-    permuted to channels-last, without the two permutes.
+    before the last HGCN stage (MambaClinix §3.2, spec §1), i.e. ``F.layer_norm`` on the tensor permuted
+    to channels-last. On the CPU it is computed exactly so (permute, fused ``layer_norm``, permute back to a
+    contiguous tensor; float32 under autocast, like ``nn.LayerNorm``); on other devices by the mean and
+    variance formula in the input's dtype.
 
     Args:
         num_channels: Number of channels ``C``.
@@ -43,6 +46,14 @@ class LayerNormChannels(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"expected input (B, {self.num_channels}, *spatial), got shape {tuple(x.shape)}")
+        if x.device.type == "cpu":
+            # CPU: one fused layer_norm over the channels moved last, then back to a contiguous
+            # channels-first tensor; the two copies cost less than the element-wise passes (and their
+            # backward) of the formula below (2-3× faster for fwd+bwd at 16-128 channels).
+            y = F.layer_norm(x.movedim(1, -1), (self.num_channels,), self.weight, self.bias, self.eps)
+            return y.movedim(-1, 1).contiguous()
+        # Other devices: the formula, as element-wise kernels. The fused path is slow on GPUs for rows of
+        # so few values: 12 ms fwd+bwd at 2×16×128³ on an H200, more than the 3×3×3 conv beside it.
         mean = x.mean(dim=1, keepdim=True)
         var = (x - mean).pow(2).mean(dim=1, keepdim=True)
         x = (x - mean) * torch.rsqrt(var + self.eps)

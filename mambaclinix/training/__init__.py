@@ -2,6 +2,17 @@
 validation/test/prediction) and the callbacks the CLI installs."""
 
 from mambaclinix.training.callbacks import TrainingCurves
+from mambaclinix.training.checkpoint import AtomicCheckpointIO, ResumableCheckpoint
+from mambaclinix.training.csv_logger import AppendingCSVLogger
+from mambaclinix.training.guards import NonFiniteGuard, NonFiniteTrainingError
 from mambaclinix.training.module import SegmentationModule
 
-__all__ = ["SegmentationModule", "TrainingCurves"]
+__all__ = [
+    "AppendingCSVLogger",
+    "AtomicCheckpointIO",
+    "NonFiniteGuard",
+    "NonFiniteTrainingError",
+    "ResumableCheckpoint",
+    "SegmentationModule",
+    "TrainingCurves",
+]

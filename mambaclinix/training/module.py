@@ -45,11 +45,15 @@ class SegmentationModule(L.LightningModule):
         loss_kwargs: arguments of :class:`~mambaclinix.losses.DiceCETverskyLoss` (``lambda_ce``,
             ``lambda_dice``, ``lambda_trs``, ``num_regions``, ...).
         deep_supervision_weights: per-output weights, finest first; ``None`` for nnU-Net's.
-        lr, weight_decay, adam_eps: Adam (coupled L2 weight decay, as the paper's nnU-Net trainer).
+        lr: Adam learning rate.
+        weight_decay: Adam's coupled L2 weight decay (as the paper's nnU-Net trainer).
+        adam_eps: Adam's epsilon.
         poly_power: exponent of the poly schedule ``lr·(1 − step/total)^power`` over the Trainer's total
             optimizer steps (``max_epochs`` × batches, or ``max_steps``); nnU-Net steps it per epoch, which
             differs only in granularity.
-        sw_batch_size, sw_overlap, mirror_tta: sliding-window settings for validation, test and predict.
+        sw_batch_size: windows per network call in the sliding window of validation, test and predict.
+        sw_overlap: overlap of neighbouring windows, a fraction of the window size.
+        mirror_tta: average the predictions over mirrored inputs (test-time augmentation).
         channels_last: feed the network ``channels_last_3d`` tensors (faster 3D convolutions on CPU).
         output_dir: where ``test`` writes ``test_metrics.csv``/``test_slices.png`` and ``predict`` writes
             label maps (into ``predictions/`` under it); default: the logger's directory.
@@ -103,6 +107,7 @@ class SegmentationModule(L.LightningModule):
                 )
         self.loss = DeepSupervisionLoss(DiceCETverskyLoss(**(loss_kwargs or {})), deep_supervision_weights)
         self.val_dice = PerClassDice(num_classes, average="none")
+        self._predictions_dir: Path | None = None
 
     # ------------------------------------------------------------------ training
     def forward(self, x: torch.Tensor):
@@ -111,11 +116,26 @@ class SegmentationModule(L.LightningModule):
         return self.net(x)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Deep-supervision loss of a batch. A non-finite network output (NaN/inf in the batch or in the
+        activations) is not passed to the loss (which would raise): a NaN loss wired to the graph is returned
+        instead and ``nonfinite_reason`` says why, so that
+        :class:`~mambaclinix.training.guards.NonFiniteGuard` skips the step on every rank."""
         x, y = batch["image"], batch["label"]
         out = self(x)
-        loss = self.loss(out if isinstance(out, (list, tuple)) else [out], y)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        self.nonfinite_reason: str | None = None
+        total = torch.stack([o.detach().sum(dtype=torch.float32) for o in outs]).sum()
+        if not bool(torch.isfinite(total)) and not all(bool(torch.isfinite(o).all()) for o in outs):
+            where = "the input batch" if not bool(torch.isfinite(x).all()) else "the network output"
+            cases = ", ".join(map(str, batch.get("name", [])))
+            self.nonfinite_reason = f"non-finite values in {where} (cases {cases})"
+            return sum(o.sum() for o in outs) * float("nan")
+        loss = self.loss(outs, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
-        return loss
+        # An output with deep-supervision weight 0 (nnU-Net's coarsest) would leave its head without a
+        # gradient, which DDP rejects ("parameters that were not used in producing the loss"); a zero term
+        # keeps every output in the graph (its head gets a zero gradient).
+        return loss + 0.0 * sum(o.float().mean() for o in outs)
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
@@ -131,31 +151,91 @@ class SegmentationModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained for another channel or class count, with a message saying so
+        (instead of PyTorch's size-mismatch list), and one holding non-finite weights."""
+        saved = dict(checkpoint.get("hyper_parameters") or {})
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        which = f"checkpoint {path}" if path else "the checkpoint"
+        state, own = checkpoint.get("state_dict") or {}, self.state_dict()
+        mismatched = [k for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+        if mismatched:  # hyper-parameters overridden at load time: read the counts from the weights
+            first = next(k for k, v in own.items() if v.ndim >= 3)  # the first convolution: (out, in, ...)
+            if first in mismatched:
+                saved["in_channels"] = state[first].shape[1]
+        for key, what in (("in_channels", "input channel(s)"), ("num_classes", "classes")):
+            if key in saved and key in self.hparams and int(saved[key]) != int(self.hparams[key]):
+                raise ValueError(
+                    f"{which} was trained with {saved[key]} {what} ({key}), but this model "
+                    f"(and its data) has {self.hparams[key]}: use a checkpoint trained on data with "
+                    f"{self.hparams[key]} {what}, or data matching the checkpoint"
+                )
+        if mismatched:
+            pairs = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in mismatched[:3]]
+            shapes = "; ".join(f"{k}: {a} vs {b}" for k, a, b in pairs)
+            raise ValueError(
+                f"{which} holds weights of another network configuration ({shapes}); "
+                "build the model with the net and net_kwargs it was trained with"
+            )
+        floats = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+        bad = [k for k in floats if not bool(state[k].isfinite().all())]
+        if bad:
+            raise ValueError(
+                f"{which} holds non-finite weights ({', '.join(bad[:3])}); use an earlier checkpoint"
+            )
+
     # ------------------------------------------------------------------ whole volumes
     def _first(self, out):
         return out[0] if isinstance(out, (list, tuple)) else out
 
-    def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities ``(B, K, *spatial)`` of whole volumes by Gaussian sliding window."""
+    def predict_volume(self, image: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor:
+        """Softmax probabilities ``(B, K, *spatial)`` of whole volumes ``(B, C, *spatial)`` of any size, by
+        Gaussian sliding window (axes shorter than the patch are padded and cropped back).
+
+        Raises:
+            ValueError: ``C`` differs from the model's ``in_channels``, or the probabilities are not finite
+                (NaN/inf in the image or the weights), which would otherwise argmax to background silently;
+                the message names ``names``.
+        """
         hp = self.hparams
-        return sliding_window_inference(
+        if image.ndim != 5 or image.shape[1] != hp.in_channels:
+            which = f"case(s) {', '.join(map(str, names))}: " if names else ""
+            raise ValueError(
+                f"{which}image of shape {tuple(image.shape)} has {image.shape[1] if image.ndim > 1 else '?'} "
+                f"channel(s); this model takes (B, {hp.in_channels}, D, H, W). Was it trained on another "
+                "dataset (another channel count)?"
+            )
+        probs = sliding_window_inference(
             image, self.patch_size, lambda p: self._first(self(p)).float(), sw_batch_size=hp.sw_batch_size,
             overlap=hp.sw_overlap, mode="gaussian", mirror_axes=(0, 1, 2) if hp.mirror_tta else None,
             postprocess=lambda logits: torch.softmax(logits, dim=1),
         )  # fmt: skip
+        if not bool(torch.isfinite(probs.sum())):
+            which = f"case(s) {', '.join(map(str, names))}" if names else "the volume"
+            where = "the image" if not bool(torch.isfinite(image).all()) else "the network output"
+            raise ValueError(
+                f"{which}: the predicted probabilities are not finite (non-finite values in {where}); "
+                "no prediction is written for it"
+            )
+        return probs
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        pred = self.predict_volume(batch["image"]).argmax(1, keepdim=True)
+        if _is_padding(batch):
+            return
+        pred = self.predict_volume(batch["image"], batch.get("name")).argmax(1, keepdim=True)
         self.val_dice.update(pred, batch["label"])
 
     def on_validation_epoch_end(self) -> None:
-        if int(self.val_dice.count.sum()) == 0:
+        # Dice over every rank's cases (torchmetrics sums the states across ranks in compute()); the count
+        # is checked across ranks too, so that all ranks take the same branch.
+        if int(self.all_gather(self.val_dice.count).sum()) == 0:
             return
         dice = self.val_dice.compute()
         self.val_dice.reset()
+        # identical on every rank already: sync_dist only keeps Lightning's epoch-level bookkeeping uniform
         for name, d in zip(self.class_names, dice.reshape(-1).tolist(), strict=True):
-            self.log(f"val/dice_{name}", d)
-        self.log("val/dice_mean", dice.mean().float(), prog_bar=True)
+            self.log(f"val/dice_{name}", d, sync_dist=True)
+        self.log("val/dice_mean", dice.mean().float(), prog_bar=True, sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._test_rows: list[dict] = []
@@ -167,7 +247,9 @@ class SegmentationModule(L.LightningModule):
         run ``predict`` and compare the written label maps."""
         if "label" not in batch:
             raise ValueError("test needs reference labels; use predict for images without labels")
-        pred = self.predict_volume(batch["image"]).argmax(1, keepdim=True)
+        if _is_padding(batch):
+            return
+        pred = self.predict_volume(batch["image"], batch.get("name")).argmax(1, keepdim=True)
         label = batch["label"]
         K = self.hparams.num_classes
         metas = batch.get("meta") or [{}] * pred.shape[0]
@@ -192,8 +274,10 @@ class SegmentationModule(L.LightningModule):
                 self._test_slices.append((name, img, t[0, 0, z].numpy(), p[0, 0, z].numpy()))
 
     def on_test_epoch_end(self) -> None:
-        rows = _gather_objects(self._test_rows)
-        slices = _gather_objects(self._test_slices)
+        # every rank's cases, each once (the loaders shard without repetition), in case order
+        rows = sorted(_gather_objects(self._test_rows), key=lambda r: r["case"])
+        slices = sorted(_gather_objects(self._test_slices), key=lambda s: s[0])[:3]
+        out = self._output_dir()  # on every rank: the Trainer's log_dir is a collective call
         if not rows:
             return
         keys = [k for k in rows[0] if k != "case"]
@@ -201,7 +285,6 @@ class SegmentationModule(L.LightningModule):
         for k, v in means.items():
             self.log(f"test/{k}", v, rank_zero_only=True)
         if self.trainer.is_global_zero:
-            out = self._output_dir()
             _write_csv_atomic(out / "test_metrics.csv", rows + [{"case": "mean", **means}])
             from mambaclinix.training.plots import plot_slices
 
@@ -213,8 +296,10 @@ class SegmentationModule(L.LightningModule):
         from mambaclinix.data.preprocessing import invert_to_original
         from mambaclinix.inference import write_segmentation
 
-        probs = self.predict_volume(batch["image"])
-        out_dir = self._output_dir() / "predictions"
+        out_dir = self._predictions_dir or self._output_dir() / "predictions"
+        if _is_padding(batch):
+            return []
+        probs = self.predict_volume(batch["image"], batch.get("name"))
         written = []
         for i, meta in enumerate(batch["meta"]):
             full = invert_to_original(probs[i].cpu(), meta)
@@ -225,6 +310,12 @@ class SegmentationModule(L.LightningModule):
             written.append(str(path))
         return written
 
+    def on_predict_epoch_start(self) -> None:
+        self._predictions_dir = self._output_dir() / "predictions"  # once, on every rank (collective)
+
+    def on_predict_epoch_end(self) -> None:
+        self._predictions_dir = None
+
     def _output_dir(self) -> Path:
         if self.hparams.output_dir is not None:
             path = Path(self.hparams.output_dir)
@@ -233,6 +324,16 @@ class SegmentationModule(L.LightningModule):
             path = Path(log_dir or ".")
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _is_padding(batch: dict) -> bool:
+    """Whether ``batch`` only repeats cases another rank evaluates (distributed padding)."""
+    flags = batch.get("duplicate")
+    if flags is None:
+        return False
+    if any(flags) and not all(flags):
+        raise ValueError("evaluation batches must not mix padding and real cases (use batch_size=1)")
+    return bool(flags[0])
 
 
 def _extension(path: Path) -> str:
