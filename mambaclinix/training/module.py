@@ -13,8 +13,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from mambaclinix.inference import sliding_window_inference
 from mambaclinix.losses import DeepSupervisionLoss, DiceCETverskyLoss
 from mambaclinix.metrics import PerClassDice, per_class_dice, per_class_hd95, per_class_nsd
 from mambaclinix.models import create_model
+from mambaclinix.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -357,15 +356,7 @@ def _gather_objects(items: list) -> list:
 
 
 def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
