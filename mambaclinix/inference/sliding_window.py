@@ -80,17 +80,26 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _per_axis(value: object, ndim: int, name: str, scalar: Callable[[object], bool]) -> tuple:
+    """``value`` repeated for every axis if ``scalar(value)``, else its ``ndim`` entries."""
+    if scalar(value):
+        return (value,) * ndim
+    try:
+        values = tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be one value or one value per axis, got {value!r}.") from None
+    if len(values) != ndim:
+        raise ValueError(f"{name} must be one value or {ndim} values (one per spatial axis), got {value!r}.")
+    return values
+
+
 def _check_overlap(overlap: float | Sequence[float], ndim: int) -> tuple[float, ...]:
     """One overlap for every axis, or one per axis (as MONAI accepts), each in ``[0, 1)``."""
-    if _is_number(overlap):
-        values = (overlap,) * ndim
-    else:
-        try:
-            values = tuple(overlap)
-        except TypeError:
-            raise ValueError(f"overlap must be a number or one number per axis, got {overlap!r}.") from None
-        if len(values) != ndim:
-            raise ValueError(f"overlap must be one number or {ndim} numbers (one per axis), got {overlap!r}.")
+    values = _per_axis(overlap, ndim, "overlap", _is_number)
     if not all(_is_number(o) and 0.0 <= o < 1.0 for o in values):
         raise ValueError(f"overlap must be in [0, 1) on every axis, got {overlap!r}.")
     return tuple(float(o) for o in values)
@@ -251,22 +260,10 @@ def _progress(iterable: Sequence, enabled: bool) -> Iterator:
 def _resolve_roi(roi_size: int | Sequence[int | None] | None, spatial: tuple[int, ...]) -> tuple[int, ...]:
     """MONAI's reading of ``roi_size``: one int for every axis, or one entry per axis; ``None`` or a
     non-positive entry takes the input's size on that axis."""
-    nd = len(spatial)
-    if roi_size is None or (isinstance(roi_size, int) and not isinstance(roi_size, bool)):
-        entries: tuple = (roi_size,) * nd
-    else:
-        try:
-            entries = tuple(roi_size)
-        except TypeError:
-            raise ValueError(f"roi_size must be an int or a sequence of ints, got {roi_size!r}.") from None
-        if len(entries) != nd:
-            raise ValueError(
-                f"roi_size must have {nd} entries (one per spatial axis of inputs with spatial shape "
-                f"{spatial}), got {len(entries)}: {entries}."
-            )
+    entries = _per_axis(roi_size, len(spatial), "roi_size", lambda v: v is None or _is_int(v))
     roi = []
     for r, s in zip(entries, spatial, strict=True):
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int)):
+        if r is not None and not _is_int(r):
             try:
                 integral = int(r) == r
             except (TypeError, ValueError):

@@ -7,9 +7,9 @@ file in the destination folder, flushed to disk (``fsync``) and renamed over the
 any moment therefore leaves either the previous complete checkpoint or the new complete one, never a
 truncated file under the checkpoint's name. The temporary name (``.<name>.tmp-<random>``) does not end
 in ``.ckpt``, so neither ``--ckpt_path last`` nor a ``glob("*.ckpt")`` picks up the remains of an
-interrupted write. Lightning's own writer goes through a temporary file in the
-system's temp folder, which is moved by copying (not renamed) when that folder is on another file system,
-is not synced, and is left behind when the process is killed.
+interrupted write. Lightning's own writer goes through a temporary file in the system's temp folder,
+which is moved by copying (not renamed) when that folder is on another file system, is not synced, and
+is left behind when the process is killed.
 
 :class:`ResumableCheckpoint` is Lightning's ``ModelCheckpoint`` that also refreshes ``last.ckpt`` every
 ``last_every_n_train_steps`` optimizer steps, so a killed run loses at most that many steps, while the

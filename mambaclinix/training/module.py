@@ -4,8 +4,8 @@ Paper defaults (Bian et al., arXiv:2409.12533, which trains with nnU-Net's recip
 weight decay 1e-5, lr 1e-4, eps 1e-5, poly schedule ``lr·(1 − progress)^0.9``; loss
 ``1·CE + 1·Dice + 0.8·L_TRS`` per output scale with nnU-Net's deep-supervision weights; whole-volume
 evaluation by Gaussian-weighted sliding window (σ = patch/8, overlap 0.5), optional mirror test-time
-augmentation. Gradient clipping (12) and mixed precision are
-Trainer settings (``gradient_clip_val``, ``precision``); the Mamba layers run in float32 regardless.
+augmentation. Gradient clipping (12) and mixed precision are Trainer settings (``gradient_clip_val``,
+``precision``); the Mamba layers run in float32 regardless.
 """
 
 from __future__ import annotations
