@@ -1,7 +1,9 @@
 """Inference: Gaussian sliding-window prediction and writing label maps with the input's geometry.
 
-Paper §3 (Bian et al., arXiv:2409.12533): sliding window with 50% overlap, Gaussian weighting
-(σ = patch/8), optional mirror test-time augmentation; predictions keep the input image's geometry.
+The MambaClinix recipe (Bian et al., arXiv:2409.12533), nnU-Net's: sliding window with 50% overlap,
+Gaussian weighting (σ = patch/8), optional mirror test-time augmentation; predictions keep the input
+image's geometry. :func:`sliding_window_inference` has MONAI's signature and defaults (overlap 0.25,
+constant weights), so the recipe is passed explicitly.
 
 :mod:`mambaclinix.inference.sliding_window` depends on torch only; :mod:`mambaclinix.inference.writer`
 imports nibabel / SimpleITK lazily, when a file is read or written.
