@@ -1,4 +1,4 @@
-"""Tests of the embedded demo dataset (``mambaclinix.data.demo``) and the k-means tissue baseline.
+"""Tests of the embedded demo dataset (``mambaclinix.demo``) and the k-means tissue baseline.
 
 The dataset tests build one tiny dataset per session (2 training + 1 test case at 4 mm, ≈ 6 s) with every
 socket connection forbidden, so they also prove that nothing is downloaded. The k-means tests need
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mambaclinix.data import build_demo_dataset, kmeans_tissue_baseline
+from mambaclinix.demo import build_demo_dataset, kmeans_tissue_baseline
 from mambaclinix.metrics.functional import dice_score
 
 needs_nilearn = pytest.mark.skipif(
@@ -129,7 +129,7 @@ def test_template_labelling_rule():
     """The 1 mm template channels against nilearn's own maps, loaded independently here."""
     from nilearn import datasets
 
-    from mambaclinix.data import demo
+    from mambaclinix.demo import cases as demo
 
     _, tissue, affine = demo._load_template()
     mask = np.asarray(datasets.load_mni152_brain_mask(resolution=1).dataobj).astype(bool)
@@ -158,7 +158,7 @@ def test_same_seed_gives_identical_files(tiny, tmp_path):
 
 @needs_nilearn
 def test_other_seed_and_other_cases_differ(tiny):
-    from mambaclinix.data.demo import make_case
+    from mambaclinix.demo import make_case
 
     first = np.asarray(_load(tiny / _entries(tiny)[0]["label"]).dataobj)
     image, labels, affine = make_case(seed=0, index=0, spacing=4.0)  # the same case, in memory
@@ -184,7 +184,7 @@ def test_subjects_are_deformed_but_close_to_the_template(tiny):
     import torch
     import torchio as tio
 
-    from mambaclinix.data import demo
+    from mambaclinix import demo
 
     template = demo.template_subject(4.0)
     tpl_labels = demo.subject_labels(template)
@@ -209,7 +209,7 @@ def test_subjects_are_deformed_but_close_to_the_template(tiny):
 @needs_nilearn
 def test_second_call_does_nothing(tiny, caplog):
     before = {p: p.stat().st_mtime_ns for p in tiny.rglob("*")}
-    with caplog.at_level(logging.INFO, logger="mambaclinix.data.demo"):
+    with caplog.at_level(logging.INFO, logger="mambaclinix.demo.dataset"):
         assert build_demo_dataset(tiny, **TINY) == tiny
     assert {p: p.stat().st_mtime_ns for p in tiny.rglob("*")} == before
     assert "already complete" in caplog.text
@@ -244,18 +244,36 @@ def test_incomplete_foreign_or_different_dataset_raises_and_overwrite_rebuilds(t
 
 
 @needs_nilearn
-def test_a_concurrent_build_that_finished_first_is_kept(tiny, tmp_path):
-    from mambaclinix.data import demo
+def test_a_concurrent_build_that_finished_first_is_kept(tiny, tmp_path, monkeypatch, caplog):
+    """Another process publishes ``out`` while this build is writing: a complete dataset with the same
+    arguments is kept (ours is discarded), one with other arguments is refused; no temporary remains."""
+    from mambaclinix.demo import dataset
 
-    first, ours = tmp_path / "out", tmp_path / ".out.tmp-x"
-    shutil.copytree(tiny, first)
-    shutil.copytree(tiny, ours)
-    before = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
-    wanted = demo._generator_params(TINY["n_train"], TINY["n_test"], TINY["spacing"], TINY["seed"])
-    assert demo._move_into_place(ours, first, overwrite=False, wanted=wanted) is False
-    assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == before
+    def competitor_finishes_first(seed):
+        def write(root, *args):
+            (root / "ours.txt").write_text("discarded")
+            shutil.copytree(tiny, out)
+            if seed != TINY["seed"]:
+                meta = json.loads((out / "dataset.json").read_text())
+                meta["mambaclinix_demo"]["seed"] = seed
+                (out / "dataset.json").write_text(json.dumps(meta))
+
+        return write
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(dataset, "_write_dataset", competitor_finishes_first(TINY["seed"]))
+    with caplog.at_level(logging.INFO, logger="mambaclinix.demo.dataset"):
+        assert build_demo_dataset(out, **TINY) == out
+    assert "concurrent build" in caplog.text
+    assert _digests(out) == _digests(tiny)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    shutil.rmtree(out)
+    monkeypatch.setattr(dataset, "_write_dataset", competitor_finishes_first(1))
     with pytest.raises(FileExistsError, match="other arguments"):
-        demo._move_into_place(ours, first, overwrite=False, wanted={**wanted, "seed": 1})
+        build_demo_dataset(out, **TINY)
+    assert json.loads((out / "dataset.json").read_text())["mambaclinix_demo"]["seed"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 @needs_nilearn
@@ -293,12 +311,18 @@ def test_missing_nilearn_names_the_extra(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_importing_the_package_imports_neither_torchio_nor_nilearn():
+def test_importing_the_packages_imports_neither_torchio_nor_nilearn():
+    """Nor Lightning; and the data layer does not import the demo above it."""
     import subprocess
 
-    code = "import sys, mambaclinix.data; print([m for m in ('torchio', 'nilearn') if m in sys.modules])"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
+    heavy = ("torchio", "nilearn", "lightning")
+    for package, forbidden in (
+        ("mambaclinix.data", (*heavy, "mambaclinix.demo")),
+        ("mambaclinix.demo", heavy),
+    ):
+        code = f"import sys, {package}; print([m for m in {forbidden!r} if m in sys.modules])"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert result.stdout.strip() == "[]", package
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,7 +344,8 @@ def test_kmeans_recovers_a_three_intensity_phantom(noise):
     pred = kmeans_tissue_baseline(image, mask)
     assert pred.dtype == np.uint8 and pred.shape == truth.shape
     assert np.array_equal(pred, truth)  # labels ordered by intensity, 0 outside the mask (which is bright)
-    assert np.array_equal(kmeans_tissue_baseline(image, mask, seed=123), pred)
+    with pytest.raises(TypeError):  # iters is keyword-only: a 4th positional argument used to be a seed
+        kmeans_tissue_baseline(image, mask, 3, 100)
 
 
 def test_kmeans_hand_computed_1d():
@@ -354,7 +379,7 @@ def test_kmeans_baseline_on_the_demo_data(tiny):
     Chance = the k-means labels randomly permuted inside the brain mask. Observed on this 4 mm dataset:
     CSF ≈ 0.31, GM ≈ 0.78, WM ≈ 0.80 (chance ≈ 0.03, 0.6, 0.3).
     """
-    from mambaclinix.data.demo import kmeans_baseline_dice
+    from mambaclinix.demo import kmeans_baseline_dice
 
     scores = kmeans_baseline_dice(tiny, split="training")
     assert set(scores) == {"CSF", "GM", "WM"} and all(len(v) == 2 for v in scores.values())

@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("nilearn")
 
 from mambaclinix.cli import main  # noqa: E402
-from mambaclinix.data import build_demo_dataset  # noqa: E402
+from mambaclinix.demo import build_demo_dataset  # noqa: E402
 
 
 def test_demo_command_runs_and_prints_the_dice_table(tmp_path, monkeypatch, capsys):

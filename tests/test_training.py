@@ -104,6 +104,33 @@ def test_every_config_parses(tmp_path):
         assert cli.model.hparams.num_classes == 3  # linked from the data module
 
 
+def test_the_cli_lives_in_the_training_layer():
+    """``mambaclinix.cli`` re-exports the LightningCLI of ``mambaclinix.training``; importing the training
+    layer imports neither the command line nor the demo above it (and they no longer import each other)."""
+    import importlib
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, sys, mambaclinix.training\n"
+        "module = importlib.import_module('mambaclinix.training.lightning_cli')\n"
+        "from mambaclinix.training import lightning_cli\n"
+        "assert callable(lightning_cli) and lightning_cli is module.lightning_cli, lightning_cli\n"
+        "print(sorted(m for m in ('mambaclinix.cli', 'mambaclinix.demo', 'torchio') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+    import mambaclinix.cli as cli
+    import mambaclinix.training as training
+
+    module = importlib.import_module("mambaclinix.training.lightning_cli")
+    for name in ("MambaClinixCLI", "lightning_cli"):
+        assert getattr(cli, name) is getattr(training, name) is getattr(module, name)
+    for name in ("TRAINER_DEFAULTS", "PARSER_DEFAULTS", "SUBCOMMANDS"):
+        assert getattr(cli, name) is getattr(module, name)
+
+
 def test_module_rejects_a_patch_the_network_cannot_take():
     with pytest.raises(ValueError, match="size divisor"):
         SegmentationModule(net="mambaclinix_tiny", patch_size=(12, 16, 16), num_classes=3)

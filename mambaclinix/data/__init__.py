@@ -18,8 +18,6 @@ import SegmentationDataModule`` imports TorchIO and Lightning at that moment).
 
 import importlib
 
-from mambaclinix.data.demo import build_demo_dataset, kmeans_baseline_dice, kmeans_tissue_baseline
-
 _LAZY = {
     # name: defining module (the TorchIO pipeline, imported on first access)
     "SegmentationDataModule": "mambaclinix.data.datamodule",
@@ -41,7 +39,7 @@ _LAZY = {
     "validate_cases": "mambaclinix.data.validation",
 }
 
-__all__ = ["build_demo_dataset", "kmeans_baseline_dice", "kmeans_tissue_baseline", *_LAZY]
+__all__ = [*_LAZY]
 
 
 def __getattr__(name: str):

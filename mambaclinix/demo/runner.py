@@ -1,23 +1,23 @@
-"""The demo: brain-MRI tissue segmentation on a dataset built offline from the MNI152 template.
+"""The demo run: brain-MRI tissue segmentation on a dataset built offline from the MNI152 template.
 
-:func:`run_demo` builds the dataset if needed (:func:`mambaclinix.data.build_demo_dataset`), trains the
+:func:`run_demo` builds the dataset if needed (:func:`~mambaclinix.demo.build_demo_dataset`), trains the
 CPU-sized preset with the packaged configuration ``mambaclinix/configs/demo_brain.yaml``, tests the best
 checkpoint on the held-out subjects and returns Dice per tissue beside an intensity-only baseline
 (k-means on the intensities inside the reference brain mask,
-:func:`mambaclinix.data.kmeans_baseline_dice`) computed on the same subjects in the same run. The
+:func:`~mambaclinix.demo.kmeans_baseline_dice`) computed on the same subjects in the same run. The
 command line is ``mambaclinix demo`` (and ``mambaclinix demo-data DIR`` for the dataset alone).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from mambaclinix.demo.baseline import kmeans_baseline_dice
+from mambaclinix.demo.dataset import build_demo_dataset
 
 CONFIG = "demo_brain.yaml"
 
@@ -62,8 +62,7 @@ def run_demo(data_dir: str | Path = "data/demo_brain", config: str | Path | None
         config: LightningCLI YAML (default: the packaged ``demo_brain.yaml``).
         overrides: extra LightningCLI arguments, e.g. ``["--trainer.max_epochs=2"]``.
     """
-    from mambaclinix.cli import lightning_cli
-    from mambaclinix.data import build_demo_dataset, kmeans_baseline_dice
+    from mambaclinix.training import lightning_cli  # imports Lightning: only when the demo runs
 
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
