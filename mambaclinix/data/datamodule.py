@@ -275,7 +275,7 @@ class SegmentationDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------------------------------- splits
 
     def split(self) -> tuple[list[Case], list[Case]]:
-        """``(train, val)`` cases (the rule is in ``docs/data.md``, "Splits")."""
+        """``(train, val)`` cases (the rule is in ``docs/data.md``, "Sources and splits")."""
         cases = self._cases()
         pool = sorted(cases["pool"], key=lambda c: c.name)
         if cases["val"]:
