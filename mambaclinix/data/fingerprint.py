@@ -99,9 +99,10 @@ def compute_fingerprint(
 
     With ``full`` (the dataset planner, :mod:`mambaclinix.planning`) every image and label is read and the
     fingerprint also holds the shapes, the shapes after cropping to the non-zero region (as
-    :func:`preprocess_case` crops) and the voxel count of every class; the intensity statistics are
-    computed too. Each case contributes at most ``FOREGROUND_SAMPLES_PER_CASE`` foreground voxels (drawn
-    with a fixed seed) to the statistics, so the CT statistics are the same with or without ``full``.
+    :func:`~mambaclinix.data.loading.crop_to_nonzero` crops) and the voxel count of every class; the
+    intensity statistics are computed too. Each case contributes at most ``FOREGROUND_SAMPLES_PER_CASE``
+    foreground voxels (drawn with a fixed seed) to the statistics, so the CT statistics are the same with
+    or without ``full``.
 
     Cached in ``cache_root/fingerprint-<key>.json`` when ``cache_root`` is given.
 
