@@ -175,7 +175,7 @@ def measure(name: str, size: int, args, sw: bool = True) -> dict:
 
             def run_sw():
                 return sliding_window_inference(
-                    volume, patch, forward, sw_batch_size=args.batch, overlap=0.5, mode="gaussian"
+                    volume, patch, args.batch, forward, overlap=0.5, mode="gaussian"
                 )
 
             res["sw_s"] = _timed(run_sw, device, args.sw_repeats)

@@ -83,9 +83,10 @@ def test_sliding_window(benchmark, mirror):
             return sliding_window_inference(
                 volume,
                 (32, 32, 32),
+                4,
                 model,
-                sw_batch_size=4,
                 overlap=0.5,
+                mode="gaussian",
                 mirror_axes=(0, 1, 2) if mirror else None,
             )
 

@@ -1,4 +1,4 @@
-"""Sliding-window inference and the label-map writer (mambaclinix.inference, paper §3).
+"""Sliding-window inference and the label-map writer (mambaclinix.inference).
 
 Stitching is checked against predictors whose whole-volume answer is known in closed form (identity,
 ``x + 1``, a constant, a 1×1×1 convolution, softmax), window positions against hand-computed starts, and
@@ -196,7 +196,7 @@ def test_gaussian_map_errors():
 @pytest.mark.parametrize("overlap", [0.5, 0.25, 0.0])
 def test_identity_exact_on_shape_not_divisible_by_step(mode, overlap):
     x = torch.rand(1, 2, 37, 23, 50)
-    y = sliding_window_inference(x, (16, 16, 16), identity, overlap=overlap, mode=mode)
+    y = sliding_window_inference(x, (16, 16, 16), 4, identity, overlap=overlap, mode=mode)
     assert y.shape == x.shape and y.dtype == torch.float32
     torch.testing.assert_close(y, x, **TOL)
 
@@ -204,14 +204,16 @@ def test_identity_exact_on_shape_not_divisible_by_step(mode, overlap):
 @pytest.mark.parametrize("mode", MODES)
 def test_plus_one(mode):
     x = torch.rand(2, 1, 20, 17, 9)
-    y = sliding_window_inference(x, (8, 8, 8), lambda t: t + 1, sw_batch_size=3, mode=mode)
+    y = sliding_window_inference(x, (8, 8, 8), 3, lambda t: t + 1, mode=mode)
     torch.testing.assert_close(y, x + 1, **TOL)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_constant_per_window_prediction(mode):
     x = torch.rand(1, 1, 19, 10, 13)
-    y = sliding_window_inference(x, (8, 6, 8), lambda t: torch.full((t.shape[0], 2, 8, 6, 8), 7.0), mode=mode)
+    y = sliding_window_inference(
+        x, (8, 6, 8), 4, lambda t: torch.full((t.shape[0], 2, 8, 6, 8), 7.0), mode=mode
+    )
     assert y.shape == (1, 2, 19, 10, 13)
     torch.testing.assert_close(y, torch.full_like(y, 7.0), **TOL)
 
@@ -222,7 +224,7 @@ def test_linear_2_to_3_channels_equals_whole_volume(mode):
     x = torch.rand(2, 2, 21, 12, 18)
     with torch.no_grad():
         expected = conv(x)
-        y = sliding_window_inference(x, (8, 8, 8), conv, sw_batch_size=5, overlap=0.5, mode=mode)
+        y = sliding_window_inference(x, (8, 8, 8), 5, conv, overlap=0.5, mode=mode)
     assert y.shape == (2, 3, 21, 12, 18)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
@@ -235,7 +237,7 @@ def test_linear_2_to_3_channels_equals_whole_volume(mode):
 def test_volume_smaller_than_roi(mode, shape, roi):
     x = torch.rand(1, 2, *shape)
     counting = Counting(lambda t: t + 1)
-    y = sliding_window_inference(x, roi, counting, mode=mode)
+    y = sliding_window_inference(x, roi, 4, counting, mode=mode)
     assert y.shape == x.shape
     torch.testing.assert_close(y, x + 1, **TOL)
     assert all(c >= 1 for c in counting.calls)
@@ -250,7 +252,7 @@ def test_padding_modes_are_cropped_away(padding_mode):
         seen.append(t.clone())
         return t * 2
 
-    y = sliding_window_inference(x, (8, 8, 8), predictor, padding_mode=padding_mode, cval=-3.0)
+    y = sliding_window_inference(x, (8, 8, 8), 4, predictor, padding_mode=padding_mode, cval=-3.0)
     torch.testing.assert_close(y, 2 * x, **TOL)
     assert seen[0].shape[2:] == (8, 8, 8)
     if padding_mode == "constant":  # axis 0 padded 1 before, 1 after
@@ -261,8 +263,8 @@ def test_sw_batch_size_one_and_larger_than_window_count():
     x = torch.rand(1, 1, 20, 20, 12)
     n_windows = len(window_slices((20, 20, 12), (8, 8, 8), 0.5))
     one, big = Counting(), Counting()
-    y1 = sliding_window_inference(x, 8, one, sw_batch_size=1)
-    y2 = sliding_window_inference(x, 8, big, sw_batch_size=10 * n_windows)
+    y1 = sliding_window_inference(x, 8, 1, one, overlap=0.5)
+    y2 = sliding_window_inference(x, 8, 10 * n_windows, big, overlap=0.5)
     assert one.calls == [1] * n_windows
     assert big.calls == [n_windows]
     torch.testing.assert_close(y1, x, **TOL)
@@ -272,27 +274,27 @@ def test_sw_batch_size_one_and_larger_than_window_count():
 def test_windows_of_all_batch_items_are_pooled():
     x = torch.rand(3, 1, 8, 8, 12)  # 2 windows per item -> 6 windows
     counting = Counting()
-    y = sliding_window_inference(x, (8, 8, 8), counting, sw_batch_size=4)
+    y = sliding_window_inference(x, (8, 8, 8), 4, counting)
     assert counting.calls == [4, 2]
     torch.testing.assert_close(y, x, **TOL)
 
 
 def test_2d_inputs():
     x = torch.rand(2, 3, 30, 17)
-    y = sliding_window_inference(x, (8, 8), lambda t: t[:, :2] * 3)
+    y = sliding_window_inference(x, (8, 8), 4, lambda t: t[:, :2] * 3)
     torch.testing.assert_close(y, x[:, :2] * 3, **TOL)
 
 
 def test_half_precision_predictor_accumulates_in_float32():
     x = torch.rand(1, 1, 20, 11, 9)
-    y = sliding_window_inference(x, 8, lambda t: t.half())
+    y = sliding_window_inference(x, 8, 4, lambda t: t.half())
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, x.half().float(), atol=1e-6, rtol=1e-6)
 
 
 def test_float64_predictor_keeps_float64():
     x = torch.rand(1, 1, 12, 9, 9, dtype=torch.float64)
-    y = sliding_window_inference(x, 8, identity)
+    y = sliding_window_inference(x, 8, 4, identity)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, x, atol=1e-12, rtol=1e-12)
 
@@ -303,24 +305,22 @@ def test_deep_supervision_output_uses_the_first_element():
     def predictor(t):
         return [t + 5, t[:, :, ::2, ::2, ::2]]
 
-    y = sliding_window_inference(x, 8, predictor)
+    y = sliding_window_inference(x, 8, 4, predictor)
     torch.testing.assert_close(y, x + 5, **TOL)
 
 
-def test_postprocess_softmax_stitches_probabilities():
+def test_softmax_in_the_predictor_stitches_probabilities():
     x = torch.randn(1, 4, 14, 9, 10)
-    y = sliding_window_inference(
-        x, 8, identity, postprocess=lambda t: torch.softmax(t, 1), mirror_axes=(0, 2)
-    )
+    y = sliding_window_inference(x, 8, 4, lambda t: torch.softmax(t, 1), mode="gaussian", mirror_axes=(0, 2))
     torch.testing.assert_close(y, torch.softmax(x, 1), **TOL)
 
 
-def test_device_argument_moves_windows_and_keeps_accumulator():
+def test_sw_device_moves_windows_and_device_holds_the_result():
     x = torch.rand(1, 1, 12, 12, 12)
     counting = Counting()
-    y = sliding_window_inference(x, 8, counting, device="cpu")
+    y = sliding_window_inference(x, 8, 4, counting, sw_device="cpu", device=torch.device("cpu"))
     assert all(d == torch.device("cpu") for d in counting.devices)
-    assert y.device == x.device
+    assert y.device == torch.device("cpu")
     torch.testing.assert_close(y, x, **TOL)
 
 
@@ -328,15 +328,25 @@ def test_device_argument_moves_windows_and_keeps_accumulator():
 def test_gpu_predictor_cpu_accumulator():
     x = torch.rand(1, 1, 20, 20, 20)
     counting = Counting()
-    y = sliding_window_inference(x, 8, counting, device="cuda")
+    y = sliding_window_inference(x, 8, 4, counting, mode="gaussian", sw_device="cuda")
     assert all(d.type == "cuda" for d in counting.devices)
     assert y.device == x.device
     torch.testing.assert_close(y, x, **TOL)
 
 
+@pytest.mark.cuda
+def test_cuda_inputs_cpu_result():
+    x = torch.rand(1, 1, 20, 20, 20, device="cuda")
+    counting = Counting()
+    y = sliding_window_inference(x, 8, 4, counting, mode="gaussian", device="cpu")
+    assert all(d.type == "cuda" for d in counting.devices)
+    assert y.device == torch.device("cpu")
+    torch.testing.assert_close(y, x.cpu(), **TOL)
+
+
 def test_progress_flag_gives_same_result():
     x = torch.rand(1, 1, 12, 12, 12)
-    torch.testing.assert_close(sliding_window_inference(x, 8, identity, progress=True), x, **TOL)
+    torch.testing.assert_close(sliding_window_inference(x, 8, 4, identity, progress=True), x, **TOL)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -347,7 +357,7 @@ def test_progress_flag_gives_same_result():
 def test_mirror_identity_gives_input_back_and_calls_8_times():
     x = torch.rand(1, 2, 13, 10, 9)
     counting = Counting()
-    y = sliding_window_inference(x, (8, 8, 8), counting, mirror_axes=(0, 1, 2), sw_batch_size=100)
+    y = sliding_window_inference(x, (8, 8, 8), 100, counting, mirror_axes=(0, 1, 2))
     assert len(counting.calls) == 8  # one window batch, 8 flip combinations
     torch.testing.assert_close(y, x, **TOL)
 
@@ -365,9 +375,9 @@ def test_mirror_equals_hand_written_average_over_8_flips():
         expected += torch.flip(_asymmetric(torch.flip(x, dims)), dims) if dims else _asymmetric(x)
     expected /= 8
     for mode in MODES:
-        y = sliding_window_inference(x, (8, 6, 7), _asymmetric, mirror_axes=(0, 1, 2), mode=mode)
+        y = sliding_window_inference(x, (8, 6, 7), 4, _asymmetric, mode=mode, mirror_axes=(0, 1, 2))
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
-    no_tta = sliding_window_inference(x, (8, 6, 7), _asymmetric)
+    no_tta = sliding_window_inference(x, (8, 6, 7), 4, _asymmetric)
     assert not torch.allclose(no_tta, expected, atol=1e-3)
 
 
@@ -378,9 +388,9 @@ def test_mirror_cancels_window_position_dependent_term_across_windows(mode):
     roi = (8, 6, 6)
     ramp = (torch.arange(8, dtype=torch.float32) - 3.5).view(1, 1, 8, 1, 1)
     x = torch.rand(1, 1, 21, 13, 10)
-    y = sliding_window_inference(x, roi, lambda t: t + ramp, mirror_axes=(0,), mode=mode)
+    y = sliding_window_inference(x, roi, 4, lambda t: t + ramp, mode=mode, mirror_axes=(0,))
     torch.testing.assert_close(y, x, **TOL)
-    y_no = sliding_window_inference(x, roi, lambda t: t + ramp, mode=mode)
+    y_no = sliding_window_inference(x, roi, 4, lambda t: t + ramp, mode=mode)
     assert (y_no - x).abs().max() > 0.1
 
 
@@ -399,7 +409,7 @@ def test_mirror_cancels_window_position_dependent_term_across_windows(mode):
 )
 def test_property_identity_exact(shape, roi, overlap, mode, sw_batch_size):
     x = torch.rand(1, 1, *shape)
-    y = sliding_window_inference(x, roi, identity, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
+    y = sliding_window_inference(x, roi, sw_batch_size, identity, overlap=overlap, mode=mode)
     torch.testing.assert_close(y, x, **TOL)
 
 
@@ -412,7 +422,7 @@ def test_property_identity_exact(shape, roi, overlap, mode, sw_batch_size):
 def test_property_pointwise_affine_map(shape, data, overlap):
     roi = data.draw(st.lists(st.integers(1, 6), min_size=len(shape), max_size=len(shape)))
     x = torch.rand(2, 1, *shape)
-    y = sliding_window_inference(x, roi, lambda t: torch.cat([2 * t - 1, t + 3], 1), overlap=overlap)
+    y = sliding_window_inference(x, roi, 4, lambda t: torch.cat([2 * t - 1, t + 3], 1), overlap=overlap)
     torch.testing.assert_close(y, torch.cat([2 * x - 1, x + 3], 1), **TOL)
 
 
@@ -425,34 +435,60 @@ def test_property_pointwise_affine_map(shape, data, overlap):
     ("kwargs", "match"),
     [
         ({"roi_size": (8, 8)}, "roi_size"),
-        ({"roi_size": (8, 8, 0)}, "roi_size"),
+        ({"roi_size": (8, 8, 2.5)}, "roi_size"),
+        ({"roi_size": "888"}, "roi_size"),
         ({"overlap": 1.0}, "overlap"),
         ({"overlap": -0.1}, "overlap"),
+        ({"overlap": (0.5, 0.5)}, "overlap"),
         ({"sw_batch_size": 0}, "sw_batch_size"),
         ({"mode": "linear"}, "mode"),
         ({"padding_mode": "wrap"}, "padding_mode"),
         ({"mirror_axes": (3,)}, "mirror_axes"),
         ({"mirror_axes": (0, 0)}, "mirror_axes"),
-        ({"sigma_scale": -1.0}, "sigma_scale"),
+        ({"mode": "gaussian", "sigma_scale": -1.0}, "sigma_scale"),
+        ({"mode": "gaussian", "sigma_scale": (0.1, 0.1)}, "sigma_scale"),
     ],
 )
 def test_validation_errors_name_the_argument(kwargs, match):
-    args = {"roi_size": (8, 8, 8), "predictor": identity, **kwargs}
+    args = {"roi_size": (8, 8, 8), "sw_batch_size": 4, "predictor": identity, **kwargs}
     with pytest.raises(ValueError, match=match):
         sliding_window_inference(torch.rand(1, 1, 10, 10, 10), **args)
 
 
 def test_validation_inputs_and_predictor():
     with pytest.raises(ValueError, match="inputs"):
-        sliding_window_inference(torch.rand(10, 10), (8,), identity)
+        sliding_window_inference(torch.rand(10, 10), (8,), 4, identity)
     with pytest.raises(TypeError, match="inputs"):
-        sliding_window_inference(np.zeros((1, 1, 8, 8, 8)), 8, identity)
-    with pytest.raises(TypeError, match="predictor"):  # MONAI argument order
-        sliding_window_inference(torch.rand(1, 1, 8, 8, 8), 8, 4, identity)
+        sliding_window_inference(np.zeros((1, 1, 8, 8, 8)), 8, 4, identity)
+    with pytest.raises(TypeError, match=r"\(inputs, roi_size, sw_batch_size, predictor, \.\.\.\)"):
+        sliding_window_inference(torch.rand(1, 1, 8, 8, 8), 8, identity, 4)  # the order before MONAI's
+    with pytest.raises(TypeError, match="predictor must be callable"):
+        sliding_window_inference(torch.rand(1, 1, 8, 8, 8), 8, 4, "model")
     with pytest.raises(ValueError, match="predictor output"):
-        sliding_window_inference(torch.rand(1, 1, 10, 10, 10), 8, lambda t: t[:, :, :4])
+        sliding_window_inference(torch.rand(1, 1, 10, 10, 10), 8, 4, lambda t: t[:, :, :4])
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
-        sliding_window_inference(torch.rand(1, 1, 2, 10, 10), 8, identity, padding_mode="reflect")
+        sliding_window_inference(torch.rand(1, 1, 2, 10, 10), 8, 4, identity, padding_mode="reflect")
+    with pytest.raises(TypeError):  # mirror_axes is keyword-only: a 13th positional argument is refused
+        sliding_window_inference(torch.rand(1, 1, 8, 8, 8), 8, 4, identity, 0.5, "gaussian", 0.125,
+                                 "constant", 0.0, None, None, False, (0, 1, 2))  # fmt: skip
+
+
+def test_non_positive_roi_entries_take_the_input_size():
+    # MONAI's rule: roi (None, -1, 4) on a 5x6x9 input is (5, 6, 4); the windows show it.
+    x = torch.rand(1, 1, 5, 6, 9)
+    counting = Counting(lambda t: t * 0 + torch.tensor(t.shape[2:], dtype=t.dtype).prod())
+    y = sliding_window_inference(x, (None, -1, 4), 1, counting)
+    torch.testing.assert_close(y, torch.full_like(x, 5 * 6 * 4))
+    assert len(counting.calls) == 3  # axis of 9 with roi 4, overlap 0.25: ceil(5 / 3) + 1 windows
+
+
+def test_per_axis_overlap():
+    x = torch.rand(1, 1, 20, 20, 8)
+    counting = Counting()
+    y = sliding_window_inference(x, 8, 1, counting, overlap=(0.5, 0.0, 0.0))
+    # axis 0: step 4, ceil(12 / 4) + 1 = 4 windows; axis 1: step 8, ceil(12 / 8) + 1 = 3; axis 2: 1
+    assert len(counting.calls) == 4 * 3 * 1
+    torch.testing.assert_close(y, x, **TOL)
 
 
 def test_sliding_window_module_imports_torch_only():

@@ -142,13 +142,11 @@ def test_pointwise_predictors_are_reproduced_exactly(params, seed):
     def linear(t):  # a 1×1×1 convolution with bias: pointwise, so the stitching must give it back
         return torch.einsum("kc,bc...->bk...", weight, t) + bias.reshape(1, 3, *([1] * (t.ndim - 2)))
 
-    kwargs = dict(
-        overlap=overlap, mode=mode, mirror_axes=mirror, padding_mode=padding, sw_batch_size=sw_batch
-    )
-    identity = sliding_window_inference(x, roi, lambda t: t, **kwargs)
+    kwargs = dict(overlap=overlap, mode=mode, mirror_axes=mirror, padding_mode=padding)
+    identity = sliding_window_inference(x, roi, sw_batch, lambda t: t, **kwargs)
     assert identity.shape == x.shape
     torch.testing.assert_close(identity, x, rtol=1e-12, atol=1e-12)
-    out = sliding_window_inference(x, roi, linear, **kwargs)
+    out = sliding_window_inference(x, roi, sw_batch, linear, **kwargs)
     assert out.shape == (batch, 3, *shape)
     torch.testing.assert_close(out, linear(x), rtol=1e-12, atol=1e-12)
 

@@ -48,6 +48,15 @@ def test_atomic_path_keeps_the_suffix_for_format_sniffing_writers(tmp_path):
     assert np.load(tmp_path / "arr.npy").tolist() == [0, 1, 2]
 
 
+def test_suffix_can_be_dropped(tmp_path):
+    seen = []
+    with atomic_write(tmp_path / "last.ckpt", "wb", suffix="") as f:
+        seen.append(os.path.basename(f.name))
+        f.write(b"x")
+    assert seen[0].startswith(".last.ckpt.tmp-") and not seen[0].endswith(".ckpt")
+    assert (tmp_path / "last.ckpt").read_bytes() == b"x" and _hidden(tmp_path) == []
+
+
 def test_atomic_path_requires_the_writer_to_create_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="did not create"), atomic_path(tmp_path / "x.bin"):
         pass

@@ -1,8 +1,10 @@
 """Inference: Gaussian sliding-window prediction, mapping it back to the input's grid, and writing label
 maps with the input's geometry.
 
-Paper §3 (Bian et al., arXiv:2409.12533): sliding window with 50% overlap, Gaussian weighting
-(σ = patch/8), optional mirror test-time augmentation; predictions keep the input image's geometry.
+The MambaClinix recipe (Bian et al., arXiv:2409.12533), nnU-Net's: sliding window with 50% overlap,
+Gaussian weighting (σ = patch/8), optional mirror test-time augmentation; predictions keep the input
+image's geometry. :func:`sliding_window_inference` has MONAI's signature and defaults (overlap 0.25,
+constant weights), so the recipe is passed explicitly.
 
 :mod:`mambaclinix.inference.sliding_window` and :mod:`mambaclinix.inference.geometry` depend on torch and
 numpy only; :mod:`mambaclinix.inference.writer` imports nibabel / SimpleITK lazily, when a file is read or

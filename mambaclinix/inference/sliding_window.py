@@ -1,12 +1,18 @@
-"""Gaussian-weighted sliding-window inference with optional mirror test-time augmentation.
+"""Sliding-window inference with MONAI's signature, nnU-Net's window placement and mirror TTA.
 
-Paper §3 ("inference"): sliding window with 50% overlap, Gaussian importance weighting with
-σ = patch/8, optional mirroring on all axes — the nnU-Net recipe the MambaClinix authors' code uses
-(Bian et al., arXiv:2409.12533). This module depends on torch only.
+:func:`sliding_window_inference` takes MONAI's arguments in MONAI's order and with MONAI's defaults
+(``monai.inferers.sliding_window_inference``: ``inputs, roi_size, sw_batch_size, predictor, overlap=0.25,
+mode="constant", sigma_scale=0.125, padding_mode="constant", cval=0.0, sw_device=None, device=None,
+progress=False``), so a call written for MONAI runs unchanged and stitches comparably. The windows are
+placed as nnU-Net places them, and mirror test-time augmentation is a keyword-only option. The
+MambaClinix recipe (Bian et al., arXiv:2409.12533, which evaluates as nnU-Net does) is
+``overlap=0.5, mode="gaussian", sigma_scale=0.125`` and optionally ``mirror_axes=(0, 1, 2)``; the library's
+own callers (:meth:`~mambaclinix.training.SegmentationModule.predict_volume`) pass it explicitly. This
+module depends on torch only.
 
 How a volume is stitched:
 
-1. Axes shorter than the ROI are padded to the ROI (symmetrically, ``padding_mode``/``cval``).
+1. Axes shorter than the ROI are padded to the ROI (half before, half after; ``padding_mode``/``cval``).
 2. Window positions are chosen per axis as nnU-Net does (:func:`window_slices`): with
    ``step = roi * (1 - overlap)``, ``n = ceil((size - roi) / step) + 1`` windows whose starts are
    spread evenly (rounded) from ``0`` to ``size - roi``, so the first window touches the start, the last
@@ -18,7 +24,7 @@ How a volume is stitched:
 
 Since every voxel is divided by the sum of the weights it received, a predictor that is a pointwise
 function of its input (identity, ``x + 1``, a 1×1×1 convolution, softmax) gives exactly that function
-applied to the whole volume, whatever the weights.
+applied to the whole volume, whatever the weights and window positions.
 """
 
 from __future__ import annotations
@@ -70,10 +76,33 @@ def _as_int_tuple(value: int | Sequence[int], name: str, ndim: int | None = None
     return out
 
 
-def _check_overlap(overlap: float) -> float:
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be a number in [0, 1), got {overlap!r}.")
-    return float(overlap)
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _per_axis(value: object, ndim: int, name: str, scalar: Callable[[object], bool]) -> tuple:
+    """``value`` repeated for every axis if ``scalar(value)``, else its ``ndim`` entries."""
+    if scalar(value):
+        return (value,) * ndim
+    try:
+        values = tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be one value or one value per axis, got {value!r}.") from None
+    if len(values) != ndim:
+        raise ValueError(f"{name} must be one value or {ndim} values (one per spatial axis), got {value!r}.")
+    return values
+
+
+def _check_overlap(overlap: float | Sequence[float], ndim: int) -> tuple[float, ...]:
+    """One overlap for every axis, or one per axis (as MONAI accepts), each in ``[0, 1)``."""
+    values = _per_axis(overlap, ndim, "overlap", _is_number)
+    if not all(_is_number(o) and 0.0 <= o < 1.0 for o in values):
+        raise ValueError(f"overlap must be in [0, 1) on every axis, got {overlap!r}.")
+    return tuple(float(o) for o in values)
 
 
 def _axis_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -90,7 +119,7 @@ def _axis_starts(size: int, roi: int, overlap: float) -> list[int]:
 
 
 def window_slices(
-    image_size: Sequence[int], roi_size: Sequence[int], overlap: float = 0.5
+    image_size: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float] = 0.5
 ) -> list[tuple[slice, ...]]:
     """Spatial slices of the sliding windows over an image, nnU-Net style.
 
@@ -106,7 +135,8 @@ def window_slices(
         image_size: spatial size of the (padded) image, e.g. ``(D, H, W)``.
         roi_size: window size, same length; every entry must be ≤ the image's
             (:func:`sliding_window_inference` pads smaller images to the ROI first).
-        overlap: fraction of the ROI shared by neighbouring windows, in ``[0, 1)``.
+        overlap: fraction of the ROI shared by neighbouring windows, in ``[0, 1)``; one value or one per
+            axis.
 
     Returns:
         List of tuples of ``slice`` objects, one slice per spatial axis.
@@ -117,13 +147,13 @@ def window_slices(
     """
     size = _as_int_tuple(image_size, "image_size")
     roi = _as_int_tuple(roi_size, "roi_size", len(size))
-    overlap = _check_overlap(overlap)
+    overlaps = _check_overlap(overlap, len(size))
     if any(r > s for r, s in zip(roi, size, strict=True)):
         raise ValueError(
             f"roi_size {roi} is larger than image_size {size} on some axis; pad the image to the ROI "
             "first (sliding_window_inference does this)."
         )
-    per_axis = [_axis_starts(s, r, overlap) for s, r in zip(size, roi, strict=True)]
+    per_axis = [_axis_starts(s, r, o) for s, r, o in zip(size, roi, overlaps, strict=True)]
     return [
         tuple(slice(st, st + r) for st, r in zip(starts, roi, strict=True))
         for starts in itertools.product(*per_axis)
@@ -227,66 +257,114 @@ def _progress(iterable: Sequence, enabled: bool) -> Iterator:
     yield from tqdm(iterable, desc="sliding window", leave=False)
 
 
+def _resolve_roi(roi_size: int | Sequence[int | None] | None, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """MONAI's reading of ``roi_size``: one int for every axis, or one entry per axis; ``None`` or a
+    non-positive entry takes the input's size on that axis."""
+    entries = _per_axis(roi_size, len(spatial), "roi_size", lambda v: v is None or _is_int(v))
+    roi = []
+    for r, s in zip(entries, spatial, strict=True):
+        if r is not None and not _is_int(r):
+            try:
+                integral = int(r) == r
+            except (TypeError, ValueError):
+                integral = False
+            if not integral:
+                raise ValueError(f"roi_size must contain ints (or None), got {roi_size!r}.")
+            r = int(r)
+        roi.append(s if r is None or r <= 0 else r)
+    return tuple(roi)
+
+
 def sliding_window_inference(
     inputs: torch.Tensor,
-    roi_size: int | Sequence[int],
+    roi_size: int | Sequence[int | None] | None,
+    sw_batch_size: int,
     predictor: Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]],
-    sw_batch_size: int = 4,
-    overlap: float = 0.5,
-    mode: str = "gaussian",
+    overlap: float | Sequence[float] = 0.25,
+    mode: str = "constant",
     sigma_scale: float | Sequence[float] = 0.125,
-    mirror_axes: Sequence[int] | None = None,
     padding_mode: str = "constant",
     cval: float = 0.0,
-    progress: bool = False,
+    sw_device: torch.device | str | None = None,
     device: torch.device | str | None = None,
-    postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = False,
+    *,
+    mirror_axes: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Predict a whole volume by stitching predictions of overlapping windows (paper §3).
+    """Predict a whole volume by stitching predictions of overlapping windows.
 
-    Note the argument order: ``predictor`` comes third, before ``sw_batch_size`` (MONAI has
-    ``(inputs, roi_size, sw_batch_size, predictor, ...)``); pass the rest by keyword.
+    The arguments up to ``progress`` are MONAI's (``monai.inferers.sliding_window_inference``), in its
+    order, with its meanings and defaults: a MONAI call such as
+    ``sliding_window_inference(x, (96, 96, 96), 4, model, overlap=0.5, mode="gaussian")`` works unchanged.
+    The defaults are MONAI's (``overlap=0.25``, ``mode="constant"``), not the MambaClinix recipe, so that
+    such a call also stitches as MONAI does; for the recipe (nnU-Net's) pass ``overlap=0.5,
+    mode="gaussian"`` and optionally ``mirror_axes=(0, 1, 2)``, as
+    :meth:`~mambaclinix.training.SegmentationModule.predict_volume` does.
 
-    Softmax is *not* applied inside. By default the predictor's raw outputs (logits) are mirror-averaged
-    and stitched; pass ``postprocess=lambda t: torch.softmax(t, 1)`` to average and stitch probabilities
-    instead (nnU-Net v1 stitches probabilities, v2 logits) — that choice belongs to the caller. The
-    function does not switch off autograd: call it under ``torch.inference_mode()`` (or
-    ``torch.no_grad()``) and put the model in ``eval()`` mode.
+    Where the result differs from MONAI's (the parity tests in ``tests/test_inference_monai_parity.py``
+    check everything else to rounding):
+
+    * **Window placement** is nnU-Net's: per axis the windows are spread evenly from the first voxel to
+      the last (:func:`window_slices`), so neighbouring windows overlap by at least ``overlap`` everywhere.
+      MONAI steps by ``int(roi * (1 - overlap))`` and shifts the last window back to the border, so the
+      overlap piles up at the end of the axis. The windows are the same on an axis when
+      ``roi * (1 - overlap)`` is a whole number that divides ``size - roi`` (or the ROI covers the axis);
+      elsewhere a predictor that depends on a voxel's context gives different (equally valid) stitched
+      values. Pointwise predictors give the same result with either placement.
+    * **Gaussian weights** are nnU-Net's (:func:`gaussian_importance_map`): MONAI's Gaussian up to a
+      constant factor, except that MONAI raises weights below 1e-3 to 1e-3 and nnU-Net does not. This
+      matters only where a window's far corners overlap another window (small ``sigma_scale``).
+    * **Precision**: predictions are accumulated in float32 at least (float64 when the inputs or the
+      predictor's output are float64), also for half-precision inputs or outputs; MONAI accumulates and
+      returns in the inputs' dtype.
+    * **Outputs**: a list/tuple output (deep supervision) contributes its first element only; MONAI
+      stitches every element (and dictionaries). MONAI's ``roi_weight_map``, ``process_fn``,
+      ``buffer_steps``, ``buffer_dim``, ``with_coord`` and extra predictor arguments are not offered
+      (wrap the predictor, e.g. with ``functools.partial``).
+    * **Mirror test-time augmentation** (``mirror_axes``), which MONAI does not have.
+
+    Softmax is *not* applied inside: raw outputs (logits) are mirror-averaged and stitched. To average
+    and stitch probabilities instead (nnU-Net v1 stitches probabilities, v2 logits), put the softmax in
+    the predictor: ``predictor=lambda t: torch.softmax(model(t), 1)``. The function does not switch off
+    autograd: call it under ``torch.inference_mode()`` (or ``torch.no_grad()``) with the model in
+    ``eval()`` mode.
 
     Args:
         inputs: image batch ``(B, C, D, H, W)``; 2D ``(B, C, H, W)`` and 1D inputs work the same way.
-        roi_size: window size ``(D, H, W)`` (one int is used for every axis). Axes of ``inputs`` shorter
-            than the ROI are padded to it (half before, half after) and cropped back at the end.
+        roi_size: window size ``(D, H, W)``, or one int for every axis; an entry that is ``None`` or not
+            positive takes the input's size on that axis (as in MONAI). Axes of ``inputs`` shorter than the
+            ROI are padded to it (half before, half after) and cropped back at the end.
+        sw_batch_size: number of windows per predictor call (windows of all batch items are pooled).
         predictor: maps windows ``(n, C, *roi_size)`` to ``(n, K, *roi_size)`` with ``n ≤ sw_batch_size``.
             If it returns a list or tuple (deep supervision), the first element — the full-resolution
             output — is used.
-        sw_batch_size: number of windows per predictor call (windows of all batch items are pooled).
-        overlap: fraction of the ROI shared by neighbouring windows, in ``[0, 1)`` (paper: 0.5).
-        mode: ``"gaussian"`` (weights from :func:`gaussian_importance_map`) or ``"constant"`` (uniform).
-        sigma_scale: σ of the Gaussian as a fraction of the ROI, one value or one per axis (paper: 1/8).
-        mirror_axes: spatial axes (0 = first spatial axis) for mirror test-time augmentation: the
-            prediction of each window is the mean over all ``2**len(mirror_axes)`` combinations of flips
-            of these axes (input flipped, output flipped back); ``(0, 1, 2)`` gives 8 predictions per
-            window. ``None`` or ``()``: no mirroring.
+        overlap: fraction of the ROI shared by neighbouring windows, in ``[0, 1)``, one value or one per
+            axis (MONAI's default 0.25; the paper uses 0.5).
+        mode: ``"constant"`` (uniform weights, MONAI's default) or ``"gaussian"`` (weights from
+            :func:`gaussian_importance_map`, the paper's choice).
+        sigma_scale: σ of the Gaussian as a fraction of the ROI, one value or one per axis (1/8, as in
+            MONAI, nnU-Net and the paper).
         padding_mode: ``torch.nn.functional.pad`` mode for axes shorter than the ROI: ``"constant"``
             (with ``cval``), ``"reflect"``, ``"replicate"`` or ``"circular"``.
         cval: fill value of ``padding_mode="constant"``.
+        sw_device: device the windows are moved to for the predictor (e.g. ``"cuda"``, where the model
+            is); ``None``: ``inputs.device``.
+        device: device of the accumulators and of the result (e.g. ``"cpu"``, so that a large volume's
+            prediction does not occupy GPU memory); ``None``: ``inputs.device``.
         progress: show a tqdm progress bar over the window batches if tqdm is installed, else log
             progress at INFO level.
-        device: device the windows are moved to for the predictor (e.g. ``"cuda"``); the accumulators
-            and the result stay on ``inputs.device``, so a large volume can live in CPU memory while the
-            network runs on the GPU. ``None``: ``inputs.device``.
-        postprocess: optional function applied to every predictor output ``(n, K, *roi_size)`` (each
-            window batch and each mirror) before mirror averaging and stitching, e.g. a softmax over
-            the channel axis.
+        mirror_axes: (keyword only) spatial axes (0 = first spatial axis) for mirror test-time
+            augmentation: the prediction of each window is the mean over all ``2**len(mirror_axes)``
+            combinations of flips of these axes (input flipped, output flipped back); ``(0, 1, 2)`` gives
+            8 predictions per window. ``None`` or ``()``: no mirroring.
 
     Returns:
-        Tensor ``(B, K, *spatial)`` on ``inputs.device`` with the spatial size of ``inputs``, in float32
-        (float64 if the predictor returns float64). Accumulation is done in that dtype also when the
-        predictor returns half precision.
+        Tensor ``(B, K, *spatial)`` on ``device`` with the spatial size of ``inputs``, in float32 (float64
+        if the inputs or the predictor's output are float64).
 
     Raises:
-        TypeError: if ``inputs`` is not a tensor or ``predictor``/``postprocess`` is not callable.
+        TypeError: if ``inputs`` is not a tensor or ``predictor`` is not callable (also when
+            ``predictor`` and ``sw_batch_size`` are swapped).
         ValueError: on a ``roi_size`` whose length differs from the number of spatial axes, an overlap
             outside ``[0, 1)``, ``sw_batch_size < 1``, an unknown ``mode`` or ``padding_mode``, invalid
             ``mirror_axes``, or a predictor output of the wrong shape.
@@ -297,28 +375,31 @@ def sliding_window_inference(
         raise ValueError(
             f"inputs must have shape (B, C, *spatial) with 1 to 3 spatial axes, got {tuple(inputs.shape)}."
         )
-    if not callable(predictor):
+    if callable(sw_batch_size) and not callable(predictor):
         raise TypeError(
-            f"predictor must be callable, got {type(predictor)}; note the order "
-            "(inputs, roi_size, predictor, sw_batch_size, ...), unlike MONAI's."
+            "sliding_window_inference takes (inputs, roi_size, sw_batch_size, predictor, ...), in MONAI's "
+            f"order; got a callable as sw_batch_size and {type(predictor).__name__} as predictor."
         )
-    if postprocess is not None and not callable(postprocess):
-        raise TypeError(f"postprocess must be None or callable, got {type(postprocess)}.")
-    nd = inputs.ndim - 2
-    roi = _as_int_tuple(roi_size, "roi_size", nd)
-    overlap = _check_overlap(overlap)
+    if not callable(predictor):
+        raise TypeError(f"predictor must be callable, got {type(predictor)}.")
+    spatial = tuple(inputs.shape[2:])
+    nd = len(spatial)
+    roi = _resolve_roi(roi_size, spatial)
+    overlaps = _check_overlap(overlap, nd)
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be an int >= 1, got {sw_batch_size!r}.")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}.")
+    if mode == "gaussian":  # validate sigma_scale before any prediction is made
+        gaussian_importance_map((1,) * nd, sigma_scale)
     axes = _check_mirror_axes(mirror_axes, nd)
-    run_device = inputs.device if device is None else torch.device(device)
-    acc_device = inputs.device
+    run_device = inputs.device if sw_device is None else torch.device(sw_device)
+    out_device = inputs.device if device is None else torch.device(device)
+    floor = torch.promote_types(inputs.dtype, torch.float32) if inputs.is_floating_point() else torch.float32
 
     # 1. Pad axes shorter than the ROI, half before and half after.
-    spatial = tuple(inputs.shape[2:])
     deficits = [max(r - s, 0) for s, r in zip(spatial, roi, strict=True)]
     pads = [(d // 2, d - d // 2) for d in deficits]
     x = inputs
@@ -340,12 +421,8 @@ def sliding_window_inference(
             x = F.pad(x, flat, mode=padding_mode)
     padded = tuple(x.shape[2:])
 
-    # 2. Windows of every batch item, and the weight of each voxel of a window.
-    slices = window_slices(padded, roi, overlap)
-    if mode == "gaussian":
-        importance = gaussian_importance_map(roi, sigma_scale, dtype=torch.float32, device=acc_device)
-    else:
-        importance = torch.ones(roi, dtype=torch.float32, device=acc_device)
+    # 2. Windows of every batch item.
+    slices = window_slices(padded, roi, overlaps)
     items = [(b, sl) for b in range(x.shape[0]) for sl in slices]
     batches = [items[i : i + sw_batch_size] for i in range(0, len(items), sw_batch_size)]
     flips = [
@@ -353,14 +430,13 @@ def sliding_window_inference(
     ]
 
     acc: torch.Tensor | None = None
-    # 3. Predict, weight and accumulate.
+    importance: torch.Tensor | None = None  # on run_device, in the accumulator's dtype
+    # 3. Predict (on sw_device), weight and accumulate (on device).
     for batch in _progress(batches, progress):
         windows = torch.cat([x[(slice(b, b + 1), slice(None), *sl)] for b, sl in batch]).to(run_device)
         pred: torch.Tensor | None = None
         for dims in flips:
             out = _first_output(predictor(torch.flip(windows, dims) if dims else windows))
-            if postprocess is not None:
-                out = postprocess(out)
             if out.ndim != windows.ndim or out.shape[0] != windows.shape[0] or tuple(out.shape[2:]) != roi:
                 raise ValueError(
                     f"predictor output must have shape (n, K, *roi_size) = ({windows.shape[0]}, K, "
@@ -369,27 +445,30 @@ def sliding_window_inference(
                 )
             if dims:
                 out = torch.flip(out, dims)
-            out = out.to(torch.promote_types(out.dtype, torch.float32))
+            out = out.to(torch.promote_types(out.dtype, floor))
             pred = out if pred is None else pred + out
         assert pred is not None  # flips always holds the identity
         if len(flips) > 1:
             pred = pred / len(flips)
-        pred = pred.to(acc_device)
         if acc is None:
-            acc = torch.zeros((x.shape[0], pred.shape[1], *padded), dtype=pred.dtype, device=acc_device)
-            importance = importance.to(pred.dtype)
+            acc = torch.zeros((x.shape[0], pred.shape[1], *padded), dtype=pred.dtype, device=out_device)
+            if mode == "gaussian":
+                importance = gaussian_importance_map(roi, sigma_scale, dtype=acc.dtype, device=run_device)
+            else:
+                importance = torch.ones(roi, dtype=acc.dtype, device=run_device)
         elif pred.shape[1] != acc.shape[1]:
             raise ValueError(
                 f"predictor returned {pred.shape[1]} channels for one window batch and {acc.shape[1]} "
                 "for an earlier one."
             )
-        pred = pred * importance
+        pred = (pred.to(acc.dtype) * importance).to(out_device)
         for i, (b, sl) in enumerate(batch):
             acc[(slice(b, b + 1), slice(None), *sl)] += pred[i : i + 1]
-    assert acc is not None  # there is at least one window
+    assert acc is not None and importance is not None  # there is at least one window
 
     # 4. Normalise by the summed weights (same dtype as the accumulator) and crop the padding away.
-    weights = torch.zeros((1, 1, *padded), dtype=acc.dtype, device=acc_device)
+    weights = torch.zeros((1, 1, *padded), dtype=acc.dtype, device=out_device)
+    importance = importance.to(out_device)
     for sl in slices:
         weights[(..., *sl)] += importance
     result = acc / weights

@@ -1,4 +1,4 @@
-"""Write predicted label maps with the geometry of the image they were predicted from (paper §3).
+"""Write predicted label maps with the geometry of the image they were predicted from.
 
 **Axis convention.** A label map is indexed like the reference image's *file*: voxel ``[i, j, k]`` of the
 label map is voxel ``(i, j, k)`` of the reference, with ``i`` the fastest-varying index on disk. This is
@@ -7,7 +7,7 @@ the array TorchIO loads without its channel axis — ``torchio.ScalarImage(ref).
 ``SimpleITK.GetArrayFromImage(SimpleITK.ReadImage(ref)).T``. Nothing is reoriented: if the image was
 reoriented or resampled before prediction (e.g. ``torchio.ToCanonical``), undo that first.
 
-So ``image = torchio.ScalarImage(ref)``, ``probs = sliding_window_inference(image.data[None], ...)``
+So ``image = torchio.ScalarImage(ref)``, ``probs = sliding_window_inference(image.data[None], roi, n, model)``
 (``(1, K, W, H, D)``) and ``write_segmentation(probs[0].argmax(0), ref, out)`` keeps every voxel in place.
 
 **Geometry.** The reference is read by the library native to its format: NIfTI (``.nii``, ``.nii.gz``,
@@ -26,14 +26,14 @@ nibabel and SimpleITK are imported lazily, inside the functions that need them (
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from mambaclinix.utils.atomic import atomic_path
 
 __all__ = [
     "OUTPUT_EXTENSIONS",
@@ -251,23 +251,6 @@ def _save_itk(array: np.ndarray, geometry: ImageGeometry, path: Path) -> None:
     sitk.WriteImage(image, str(path), True)
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:  # e.g. Windows: directories cannot be opened; the rename is still atomic
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
 def write_segmentation(
     label_map: np.ndarray | torch.Tensor,
     reference_path: str | os.PathLike,
@@ -278,9 +261,10 @@ def write_segmentation(
     The format follows ``output_path``'s extension (:data:`SUPPORTED_EXTENSIONS`: ``.nii.gz``, ``.nii``,
     ``.nrrd``, ``.mha``); the reference may be any 3D format nibabel or SimpleITK reads. The labels are
     stored as the smallest integer type holding them: uint8, uint16 or uint32 (int16/int32 with negative
-    labels). The file is first written to a hidden temporary file next to ``output_path`` (same
-    extension, e.g. ``.case_001.nii.gz.tmp-1a2b3c4d.nii.gz``), flushed to disk and renamed over
-    ``output_path``; on any error the temporary file is removed and an existing ``output_path`` is left
+    labels). The file is written atomically and durably (:mod:`mambaclinix.utils.atomic`): first to a
+    hidden temporary file next to ``output_path`` (same extension, e.g.
+    ``.case_001.nii.gz.tmp-1a2b3c4d.nii.gz``), flushed to disk and renamed over ``output_path``, then the
+    folder is synced; on any error the temporary file is removed and an existing ``output_path`` is left
     untouched. The output directory is created if missing.
 
     Args:
@@ -311,18 +295,10 @@ def write_segmentation(
     geometry = read_image_geometry(reference)
     array = _as_label_array(label_map, geometry.shape)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}{ext}")
-    try:
+    # The temporary file ends in the (lower-case) extension, from which nibabel / SimpleITK pick the format.
+    with atomic_path(output, suffix=ext) as tmp:
         if ext in NIFTI_EXTENSIONS:
             _save_nifti(array, reference, geometry, tmp)
         else:
             _save_itk(array, geometry, tmp)
-        _fsync(tmp)
-        os.replace(tmp, output)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync(output.parent, directory=True)
     return output

@@ -1,14 +1,15 @@
 """Crash-safe checkpoints: atomic writes and a periodically refreshed ``last.ckpt``.
 
 :class:`AtomicCheckpointIO` writes every checkpoint the Trainer saves (``ModelCheckpoint``, SLURM
-requeue, ``trainer.save_checkpoint``) to a hidden temporary file in the destination folder, flushes it
-to disk (``fsync``) and renames it over the destination (``os.replace``, atomic on POSIX file systems);
-the folder entry is then synced too. A process killed at any moment therefore leaves either the previous
-complete checkpoint or the new complete one, never a truncated file under the checkpoint's name. The
-temporary name (``.<name>.tmp-<random>``) does not end in ``.ckpt``, so ``--ckpt_path last`` never picks
-up the remains of an interrupted write. Lightning's own writer goes through a temporary file in the
-system's temp folder, which is moved by copying (not renamed) when that folder is on another file system,
-is not synced, and is left behind when the process is killed.
+requeue, ``trainer.save_checkpoint``) through :mod:`mambaclinix.utils.atomic`: to a hidden temporary
+file in the destination folder, flushed to disk (``fsync``) and renamed over the destination
+(``os.replace``, atomic on POSIX file systems); the folder entry is then synced too. A process killed at
+any moment therefore leaves either the previous complete checkpoint or the new complete one, never a
+truncated file under the checkpoint's name. The temporary name (``.<name>.tmp-<random>``) does not end
+in ``.ckpt``, so neither ``--ckpt_path last`` nor a ``glob("*.ckpt")`` picks up the remains of an
+interrupted write. Lightning's own writer goes through a temporary file in the system's temp folder,
+which is moved by copying (not renamed) when that folder is on another file system, is not synced, and
+is left behind when the process is killed.
 
 :class:`ResumableCheckpoint` is Lightning's ``ModelCheckpoint`` that also refreshes ``last.ckpt`` every
 ``last_every_n_train_steps`` optimizer steps, so a killed run loses at most that many steps, while the
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -30,48 +29,27 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mambaclinix.utils.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 __all__ = ["AtomicCheckpointIO", "ResumableCheckpoint", "atomic_torch_save"]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms / file systems cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file in ``path``'s folder, ``fsync`` and ``os.replace``.
+    """``torch.save(obj, path)`` through :func:`mambaclinix.utils.atomic.atomic_write`: a temporary file in
+    ``path``'s folder, ``fsync``, ``os.replace``, then an ``fsync`` of the folder.
 
     On any error (including ``KeyboardInterrupt``) the temporary file is removed and an existing ``path`` is
     left untouched. A process killed outright (``SIGKILL``, power loss) may leave the hidden temporary
-    file ``.<name>.tmp-<random>`` behind, never a partial ``path``.
+    file ``.<name>.tmp-<random>`` behind (no ``.ckpt`` suffix), never a partial ``path``.
 
     Args:
         obj: anything ``torch.save`` accepts (a Lightning checkpoint dictionary).
         path: destination on a local file system; its folder is created if missing.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path, "wb", suffix="") as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -5,8 +5,8 @@ command line puts every command into one fixed folder (``runs/mambaclinix``) so 
 finds the checkpoints; with Lightning's logger, resuming a crashed run (or running ``test`` after
 ``fit``) would erase the training history. :class:`AppendingCSVLogger` appends to the existing file
 instead (dropping an incomplete last row left by a killed process); when new columns appear it rewrites
-the file with the wider header through a temporary file and ``os.replace``, so a crash never leaves it
-truncated.
+the file with the wider header atomically and durably (:func:`mambaclinix.utils.atomic.atomic_write`), so
+a crash never leaves it truncated.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from mambaclinix.utils.atomic import atomic_write
 
 __all__ = ["AppendingCSVLogger"]
 
@@ -37,19 +39,10 @@ class _AppendingWriter(ExperimentWriter):
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as f:
             rows = list(csv.DictReader(f))
-        tmp = f"{self.metrics_file_path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fieldnames, restval="")
-                writer.writeheader()
-                writer.writerows({k: v for k, v in row.items() if k is not None} for row in rows)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.metrics_file_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_write(self.metrics_file_path, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames, restval="")
+            writer.writeheader()
+            writer.writerows({k: v for k, v in row.items() if k is not None} for row in rows)
 
     def save(self) -> None:
         if self.metrics and self._fs.isfile(self.metrics_file_path):

@@ -1,10 +1,11 @@
 """The LightningModule: training with deep supervision, sliding-window validation, test and prediction.
 
-Paper defaults (spec §3): Adam with coupled weight decay 1e-5, lr 1e-4, eps 1e-5, poly schedule
-``lr·(1 − progress)^0.9``; loss ``1·CE + 1·Dice + 0.8·L_TRS`` per output scale with nnU-Net's
-deep-supervision weights; whole-volume evaluation by Gaussian-weighted sliding window (σ = patch/8,
-overlap 0.5), optional mirror test-time augmentation. Gradient clipping (12) and mixed precision are
-Trainer settings (``gradient_clip_val``, ``precision``); the Mamba layers run in float32 regardless.
+Paper defaults (Bian et al., arXiv:2409.12533, which trains with nnU-Net's recipe): Adam with coupled
+weight decay 1e-5, lr 1e-4, eps 1e-5, poly schedule ``lr·(1 − progress)^0.9``; loss
+``1·CE + 1·Dice + 0.8·L_TRS`` per output scale with nnU-Net's deep-supervision weights; whole-volume
+evaluation by Gaussian-weighted sliding window (σ = patch/8, overlap 0.5), optional mirror test-time
+augmentation. Gradient clipping (12) and mixed precision are Trainer settings (``gradient_clip_val``,
+``precision``); the Mamba layers run in float32 regardless.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from mambaclinix.inference import sliding_window_inference
 from mambaclinix.losses import DeepSupervisionLoss, DiceCETverskyLoss
 from mambaclinix.metrics import PerClassDice, per_class_dice, per_class_hd95, per_class_nsd
 from mambaclinix.models import create_model
+from mambaclinix.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,12 @@ class SegmentationModule(L.LightningModule):
                 f"channel(s); this model takes (B, {hp.in_channels}, D, H, W). Was it trained on another "
                 "dataset (another channel count)?"
             )
+        # The paper's (nnU-Net's) recipe, passed explicitly: the function has MONAI's defaults.
         probs = sliding_window_inference(
-            image, self.patch_size, lambda p: self._first(self(p)).float(), sw_batch_size=hp.sw_batch_size,
-            overlap=hp.sw_overlap, mode="gaussian", mirror_axes=(0, 1, 2) if hp.mirror_tta else None,
-            postprocess=lambda logits: torch.softmax(logits, dim=1),
+            image, self.patch_size, hp.sw_batch_size,
+            lambda p: torch.softmax(self._first(self(p)).float(), dim=1),  # stitch probabilities
+            overlap=hp.sw_overlap, mode="gaussian", sigma_scale=0.125,
+            mirror_axes=(0, 1, 2) if hp.mirror_tta else None,
         )  # fmt: skip
         if not bool(torch.isfinite(probs.sum())):
             which = f"case(s) {', '.join(map(str, names))}" if names else "the volume"
@@ -345,15 +347,7 @@ def _gather_objects(items: list) -> list:
 
 
 def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

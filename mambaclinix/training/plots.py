@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
+
+from mambaclinix.utils.atomic import atomic_path
 
 
 def _pyplot():
@@ -19,12 +20,9 @@ def _pyplot():
 
 
 def _save_atomic(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
+    """Save a figure durably and atomically; the temporary file keeps the suffix matplotlib reads."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def plot_training_curves(metrics_csv: Path, out_png: Path) -> bool:

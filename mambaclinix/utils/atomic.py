@@ -16,7 +16,9 @@ stood at the destination before is left untouched. A process killed outright (``
 can leave a hidden temporary behind, never a partial destination.
 
 The temporary file keeps the destination's suffix (``.nii.gz``, ``.png``, ``.npy``), because several
-writers (nibabel, SimpleITK, matplotlib, numpy) choose the format from the file name.
+writers (nibabel, SimpleITK, matplotlib, numpy) choose the format from the file name. Where the suffix
+would mislead a reader instead, ``suffix=""`` drops it: a checkpoint's temporary file must not end in
+``.ckpt``, or a killed write's remains would look like a checkpoint to ``glob("*.ckpt")``.
 """
 
 from __future__ import annotations
@@ -73,14 +75,18 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _temporary_name(path: Path, tag: str = "tmp") -> Path:
-    return path.with_name(f".{path.name}.{tag}-{secrets.token_hex(4)}{_suffix(path)}")
+def _temporary_name(path: Path, tag: str = "tmp", suffix: str | None = None) -> Path:
+    suffix = _suffix(path) if suffix is None else suffix
+    return path.with_name(f".{path.name}.{tag}-{secrets.token_hex(4)}{suffix}")
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder for a writer that wants a file name (``np.save``,
     ``fig.savefig``, ``nib.save``, ``torch.save``); on success it is ``fsync``-ed and renamed to ``path``.
+
+    ``suffix`` is the temporary file's suffix: ``None`` (default) keeps ``path``'s (``.nii.gz``, ``.png``)
+    for writers that choose the format from the name; ``""`` drops it.
 
     Example::
 
@@ -89,7 +95,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
+    tmp = _temporary_name(path, suffix=suffix)
     try:
         yield tmp
         if not tmp.exists():
@@ -105,10 +111,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_write(
-    path: str | os.PathLike, mode: str = "w", newline: str | None = None, encoding: str | None = None
+    path: str | os.PathLike,
+    mode: str = "w",
+    newline: str | None = None,
+    encoding: str | None = None,
+    suffix: str | None = None,
 ) -> Iterator[IO[Any]]:
     """Open a temporary file for writing (``mode`` ``"w"`` or ``"wb"``); on success it is flushed,
-    ``fsync``-ed and renamed to ``path``.
+    ``fsync``-ed and renamed to ``path``. ``suffix``: as in :func:`atomic_path`.
 
     Example::
 
@@ -119,7 +129,7 @@ def atomic_write(
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
     if mode == "w" and encoding is None:
         encoding = "utf-8"
-    with atomic_path(path) as tmp, open(tmp, mode, newline=newline, encoding=encoding) as handle:
+    with atomic_path(path, suffix) as tmp, open(tmp, mode, newline=newline, encoding=encoding) as handle:
         yield handle
         handle.flush()
 
