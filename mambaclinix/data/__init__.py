@@ -42,7 +42,7 @@ _LAZY = {
     "PreprocessingPlan": "mambaclinix.data.preprocessing",
     "make_plan": "mambaclinix.data.preprocessing",
     "preprocess_case": "mambaclinix.data.preprocessing",
-    "preprocess_to_cache": "mambaclinix.data.cache",
+    "preprocess_to_cache": "mambaclinix.data.preprocessing",
     "invert_to_original": "mambaclinix.inference.geometry",
     "ForegroundOversamplingSampler": "mambaclinix.data.sampling",
     "nnunet_augmentation": "mambaclinix.data.augmentation",

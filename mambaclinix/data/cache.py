@@ -1,4 +1,4 @@
-"""The on-disk preprocessing cache: keys, entries, and filling it (``docs/data.md``).
+"""The on-disk preprocessing cache: its keys and the format of its entries (``docs/data.md``).
 
 Results go to ``<cache_root>/<plan key>/<case key>/`` as ``image.npy`` (float32 ``(C, W', H', D')``),
 ``label.npy`` (``(1, W', H', D')``, uint8, or int16/int32 for more classes) and ``meta.json`` (the
@@ -11,9 +11,10 @@ files. The case key (:func:`case_key`) hashes the case name and the path, size a
 of each source file, so an edited file is preprocessed again while the rest of the cache is reused.
 
 Every entry is filled in a temporary folder, ``fsync``-ed and renamed into place
-(:func:`mambaclinix.utils.atomic_directory`): a crashed or concurrent run never leaves a half-written
-entry, and a second run reads instead of recomputing (when two processes fill the same entry, the
-first rename wins and the other discards its copy). Stale entries are not deleted.
+(:func:`write_entry`, through :func:`mambaclinix.utils.atomic_directory`): a crashed or concurrent run
+never leaves a half-written entry, and a second run reads instead of recomputing (when two processes
+fill the same entry, the first rename wins and the other discards its copy). Stale entries are not
+deleted. :func:`mambaclinix.data.preprocessing.preprocess_to_cache` fills the cache.
 """
 
 from __future__ import annotations
@@ -21,23 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from mambaclinix.data.cases import Case, DatasetError
-from mambaclinix.utils.atomic import atomic_directory, write_json_atomic
-
-if TYPE_CHECKING:
-    from mambaclinix.data.preprocessing import PreprocessingPlan
+from mambaclinix.utils.atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +43,12 @@ __all__ = [
     "case_key",
     "case_signature",
     "default_cache_root",
+    "is_entry",
+    "load_entry",
     "meta_from_json",
-    "preprocess_to_cache",
     "read_cached_array",
     "stable_hash",
+    "write_entry",
 ]
 
 CACHE_VERSION = 1
@@ -150,7 +148,13 @@ def read_cached_array(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(array), affine
 
 
-def _load_entry(case: Case, directory: Path, from_cache: bool) -> CachedCase:
+def is_entry(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete cache entry (its ``meta.json``, written last, exists)."""
+    return (directory / "meta.json").is_file()
+
+
+def load_entry(case: Case, directory: Path, from_cache: bool) -> CachedCase:
+    """The :class:`CachedCase` of ``case`` stored in ``directory``."""
     meta = meta_from_json(json.loads((directory / "meta.json").read_text()))
     label = directory / "label.npy"
     return CachedCase(
@@ -158,61 +162,13 @@ def _load_entry(case: Case, directory: Path, from_cache: bool) -> CachedCase:
     )
 
 
-def _is_entry(directory: Path) -> bool:
-    return (directory / "meta.json").is_file()
-
-
-def _store(case: Case, plan_json: dict, directory: str, num_classes: int | None) -> str:
-    """Preprocess one case and move it into ``directory`` atomically (a process-pool task)."""
-    # imported here: the preprocessing module imports this one (keys, cache version)
-    from mambaclinix.data.preprocessing import PreprocessingPlan, preprocess_case
-
-    result = preprocess_case(case, PreprocessingPlan.from_json(plan_json), num_classes)
-    with atomic_directory(directory, exists_ok=_is_entry) as tmp:  # a concurrent writer may finish first
-        np.save(tmp / "image.npy", result.image)
-        if result.label is not None:
-            np.save(tmp / "label.npy", result.label)
-        (tmp / "meta.json").write_text(json.dumps(result.meta, indent=1))
-    return case.name
-
-
-def preprocess_to_cache(
-    cases: Sequence[Case],
-    plan: PreprocessingPlan,
-    cache_root: str | Path,
-    num_classes: int | None = None,
-    num_workers: int = 0,
-) -> list[CachedCase]:
-    """Preprocess the cases missing from ``cache_root/<plan.key>/`` and return every entry.
-
-    Args:
-        cases: the cases (with or without labels).
-        plan: resolved parameters.
-        cache_root: cache folder; entries go to ``cache_root/<plan.key>/<case_key(case)>/``.
-        num_classes: when given, label values must be below it.
-        num_workers: processes for the missing cases (``0``: this process). Workers are spawned, not
-            forked, so that they do not inherit the threads of an initialised torch.
-
-    Returns:
-        One :class:`CachedCase` per case, in order; ``from_cache`` tells whether it was reused.
-    """
-    plan_dir = Path(cache_root) / plan.key
-    plan_dir.mkdir(parents=True, exist_ok=True)
-    if not (plan_dir / "plan.json").is_file():
-        write_json_atomic(plan_dir / "plan.json", plan.to_json())
-    directories = [plan_dir / case_key(c) for c in cases]
-    missing = [(c, d) for c, d in zip(cases, directories, strict=True) if not _is_entry(d)]
-    if missing:
-        logger.info("preprocessing %d of %d case(s) into %s", len(missing), len(cases), plan_dir)
-        plan_json = plan.to_json()
-        if num_workers > 0 and len(missing) > 1:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(num_workers, len(missing)), mp_context=context) as pool:
-                futures = [pool.submit(_store, c, plan_json, str(d), num_classes) for c, d in missing]
-                for future in futures:
-                    future.result()
-        else:
-            for c, d in missing:
-                _store(c, plan_json, str(d), num_classes)
-    missing_dirs = {d for _, d in missing}
-    return [_load_entry(c, d, d not in missing_dirs) for c, d in zip(cases, directories, strict=True)]
+def write_entry(
+    directory: str | Path, image: np.ndarray, label: np.ndarray | None, meta: Mapping[str, Any]
+) -> None:
+    """Store a preprocessed case in ``directory`` atomically and durably; a complete entry a concurrent
+    writer put there first is kept (and this one discarded)."""
+    with atomic_directory(directory, exists_ok=is_entry) as tmp:
+        np.save(tmp / "image.npy", image)
+        if label is not None:
+            np.save(tmp / "label.npy", label)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

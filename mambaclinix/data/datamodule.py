@@ -27,13 +27,7 @@ import torchio as tio
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mambaclinix.data.augmentation import nnunet_augmentation
-from mambaclinix.data.cache import (
-    CachedCase,
-    case_signature,
-    default_cache_root,
-    preprocess_to_cache,
-    stable_hash,
-)
+from mambaclinix.data.cache import CachedCase, case_signature, default_cache_root, stable_hash
 from mambaclinix.data.datasets import (
     Case,
     DatasetError,
@@ -50,7 +44,7 @@ from mambaclinix.data.loaders import (
     volume_loader,
 )
 from mambaclinix.data.normalization import NORMALIZATIONS
-from mambaclinix.data.preprocessing import PreprocessingPlan, make_plan
+from mambaclinix.data.preprocessing import PreprocessingPlan, make_plan, preprocess_to_cache
 from mambaclinix.data.resampling import IMAGE_INTERPOLATIONS, LABEL_INTERPOLATIONS
 from mambaclinix.utils.atomic import write_json_atomic
 

@@ -12,9 +12,9 @@ Per case, in nnU-Net v2's order (``docs/data.md`` describes each step):
    it differs from the case's (:mod:`mambaclinix.data.resampling`).
 
 :class:`PreprocessingPlan` holds every parameter, resolved against the training set by :func:`make_plan`;
-:func:`preprocess_case` runs the four steps; :func:`~mambaclinix.data.cache.preprocess_to_cache` stores
-the results in the on-disk cache (:mod:`mambaclinix.data.cache`). The names of those modules are
-re-exported here.
+:func:`preprocess_case` runs the four steps on one case; :func:`preprocess_to_cache` runs them on the
+cases missing from the on-disk cache (:mod:`mambaclinix.data.cache`), in worker processes if asked. The
+public names of the step modules and of the cache are re-exported here.
 
 **Metadata** (``meta``, per case; JSON on disk, numpy/tuples once loaded by
 :func:`~mambaclinix.data.cache.meta_from_json`):
@@ -42,7 +42,10 @@ probabilities or logits back onto the original grid.
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +55,14 @@ import numpy as np
 from mambaclinix.data.cache import (
     CACHE_VERSION,
     CachedCase,
+    case_key,
+    is_entry,
+    load_entry,
     meta_from_json,
-    preprocess_to_cache,
     read_cached_array,
     stable_hash,
+    write_entry,
 )
-from mambaclinix.data.cache import case_key as case_key
 from mambaclinix.data.cache import case_signature as case_signature
 from mambaclinix.data.cases import Case
 from mambaclinix.data.fingerprint import FOREGROUND_SAMPLES_PER_CASE as FOREGROUND_SAMPLES_PER_CASE
@@ -73,10 +78,13 @@ from mambaclinix.data.resampling import (
     spacing_of,
 )
 from mambaclinix.inference.geometry import invert_to_original
+from mambaclinix.utils.atomic import write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 # Every name of the former single module stays importable from here: those in __all__, and the ones
-# imported ``as`` themselves above (case_key, case_signature, FOREGROUND_SAMPLES_PER_CASE), plus the
-# constants the plan validates against (NORMALIZATIONS, IMAGE_/LABEL_INTERPOLATIONS, CACHE_VERSION).
+# imported ``as`` themselves above (case_signature, FOREGROUND_SAMPLES_PER_CASE), plus the constants and
+# helpers this module uses (NORMALIZATIONS, IMAGE_/LABEL_INTERPOLATIONS, CACHE_VERSION, case_key).
 __all__ = [
     "CachedCase",
     "Fingerprint",
@@ -270,3 +278,54 @@ def preprocess_case(case: Case, plan: PreprocessingPlan, num_classes: int | None
         "classes_present": classes,
     }
     return PreprocessedCase(np.ascontiguousarray(image, dtype=np.float32), label, meta)
+
+
+def _store(case: Case, plan_json: dict, directory: str, num_classes: int | None) -> str:
+    """Preprocess one case into its cache entry ``directory`` (a process-pool task)."""
+    result = preprocess_case(case, PreprocessingPlan.from_json(plan_json), num_classes)
+    write_entry(directory, result.image, result.label, result.meta)
+    return case.name
+
+
+def preprocess_to_cache(
+    cases: Sequence[Case],
+    plan: PreprocessingPlan,
+    cache_root: str | Path,
+    num_classes: int | None = None,
+    num_workers: int = 0,
+) -> list[CachedCase]:
+    """Preprocess the cases missing from ``cache_root/<plan.key>/`` and return every entry.
+
+    Args:
+        cases: the cases (with or without labels).
+        plan: resolved parameters.
+        cache_root: cache folder; entries go to ``cache_root/<plan.key>/<case_key(case)>/``
+            (:mod:`mambaclinix.data.cache`).
+        num_classes: when given, label values must be below it.
+        num_workers: processes for the missing cases (``0``: this process). Workers are spawned, not
+            forked, so that they do not inherit the threads of an initialised torch.
+
+    Returns:
+        One :class:`~mambaclinix.data.cache.CachedCase` per case, in order; ``from_cache`` tells whether it
+        was reused.
+    """
+    plan_dir = Path(cache_root) / plan.key
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    if not (plan_dir / "plan.json").is_file():
+        write_json_atomic(plan_dir / "plan.json", plan.to_json())
+    directories = [plan_dir / case_key(c) for c in cases]
+    missing = [(c, d) for c, d in zip(cases, directories, strict=True) if not is_entry(d)]
+    if missing:
+        logger.info("preprocessing %d of %d case(s) into %s", len(missing), len(cases), plan_dir)
+        plan_json = plan.to_json()
+        if num_workers > 0 and len(missing) > 1:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(num_workers, len(missing)), mp_context=context) as pool:
+                futures = [pool.submit(_store, c, plan_json, str(d), num_classes) for c, d in missing]
+                for future in futures:
+                    future.result()
+        else:
+            for c, d in missing:
+                _store(c, plan_json, str(d), num_classes)
+    missing_dirs = {d for _, d in missing}
+    return [load_entry(c, d, d not in missing_dirs) for c, d in zip(cases, directories, strict=True)]

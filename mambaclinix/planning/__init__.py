@@ -20,7 +20,7 @@ from mambaclinix.planning.topology import (
 )
 
 _LAZY = {
-    "DatasetPlan": "mambaclinix.planning.planner",
+    "DatasetPlan": "mambaclinix.planning.plan",
     "PlanningError": "mambaclinix.planning.planner",
     "choose_patch_and_batch": "mambaclinix.planning.planner",
     "plan_dataset": "mambaclinix.planning.planner",

@@ -34,13 +34,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mambaclinix.planning.memory import count_parameters, load_coefficients, memory_terms, predict_peak
+from mambaclinix.planning.plan import DatasetPlan
 from mambaclinix.planning.render import config_text as config_text  # rendering moved; still importable here
 from mambaclinix.planning.render import plan_text as plan_text
 from mambaclinix.planning.render import write_plan
@@ -66,37 +65,6 @@ INITIAL_PATCH_VOXELS = 256**3
 
 class PlanningError(ValueError):
     """No plan satisfies the constraints (e.g. a memory budget too small for the smallest patch)."""
-
-
-@dataclass
-class DatasetPlan:
-    """Everything the planner decided, and the fingerprint summary it decided from.
-
-    The attributes are plain Python values (the plan file is :func:`dataclasses.asdict` of this).
-    """
-
-    source: dict[str, str]
-    dataset: dict[str, Any]
-    fingerprint: dict[str, Any]
-    target_spacing: list[float]
-    anisotropic_axis: int | None
-    normalization: list[str]
-    median_shape: list[int]
-    patch_size: list[int]
-    batch_size: int
-    network: dict[str, Any]
-    foreground_probability: float
-    memory: dict[str, Any]
-    training: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def net_kwargs(self) -> dict[str, Any]:
-        """Arguments of :class:`~mambaclinix.models.MambaClinixUNet` (without the channel counts)."""
-        keys = ("n_stages", "features_per_stage", "kernel_sizes", "strides", "n_hgcn_stages")
-        return {k: self.network[k] for k in keys}
 
 
 # ------------------------------------------------------------------------------------------ patch search

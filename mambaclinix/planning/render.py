@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mambaclinix.planning.plan import DatasetPlan
 from mambaclinix.utils.atomic import write_text_atomic
-
-if TYPE_CHECKING:
-    from mambaclinix.planning.planner import DatasetPlan
 
 __all__ = ["config_text", "plan_text", "write_plan"]
 
