@@ -37,6 +37,8 @@ from mambaclinix.data.datamodule import SegmentationDataModule
 from mambaclinix.data.datasets import (
     DatasetError,
     find_images,
+    read_cases,
+    read_dataset_info,
     read_dataset_json,
     read_decathlon,
     read_manifest,
@@ -145,6 +147,40 @@ def test_read_manifest_with_channels_splits_and_nrrd(tmp_path, v2_dataset):
     image, _, label = load_case(cases[0], num_channels=2, num_classes=3)
     expected = tio.LabelMap(v2_dataset / "labelsTr" / "case_000.nii.gz").data[0].numpy()
     assert image.shape == (2, *SHAPE) and np.array_equal(label, expected)
+
+
+def test_read_cases_sorts_a_manifest_by_role(tmp_path, mr_dataset):
+    """The training pool is the labelled rows with split train or empty; val, test and unlabelled
+    unassigned rows go to their own lists (the rule the data module and the planner share)."""
+    splits = {"case_000": "train", "case_001": "", "case_002": "val", "case_003": "test", "case_004": ""}
+    rows = []
+    for name, split in splits.items():
+        folder = "imagesTs" if name == "case_004" else "imagesTr"
+        label = "" if name == "case_004" else str(mr_dataset / "labelsTr" / f"{name}.nii.gz")
+        image = str(mr_dataset / folder / f"{name}_0000.nii.gz")
+        rows.append({"image": image, "label": label, "split": split})
+    manifest = _write_manifest(tmp_path / "m.csv", rows, ["image", "label", "split"])
+    lists = read_cases(manifest=manifest)
+    names = {role: [c.name for c in cases] for role, cases in lists._asdict().items()}
+    assert names == {"train": ["case_000", "case_001"], "val": ["case_002"], "test": ["case_003"],
+                     "unlabelled": ["case_004"]}  # fmt: skip
+    assert read_dataset_info(manifest=manifest) is None  # no dataset.json beside the CSV
+    only_test = _write_manifest(tmp_path / "t.csv", [{**rows[3]}], ["image", "label", "split"])
+    with pytest.raises(DatasetError, match="no labelled training cases"):
+        read_cases(manifest=only_test)
+    with pytest.raises(ValueError, match="exactly one of data_dir"):
+        read_cases(mr_dataset, manifest)
+
+
+def test_read_cases_of_a_decathlon_folder_reads_the_test_set_only_when_asked(tmp_path):
+    root = make_dataset(tmp_path, "v2", n=3, n_test=1)
+    (root / "labelsTs").mkdir()  # a labelsTs folder without the test label: the test set is broken
+    with pytest.raises(DatasetError, match="case_003"):
+        read_cases(root)
+    lists = read_cases(root, test=False)
+    assert [c.name for c in lists.train] == ["case_000", "case_001", "case_002"]
+    assert lists.val == lists.test == lists.unlabelled == []
+    assert read_dataset_info(root) == read_dataset_json(root)
 
 
 def _break(root: Path, how: str) -> str:
@@ -324,6 +360,17 @@ def test_ct_clipping_at_foreground_percentiles(tmp_path):
     np.testing.assert_allclose(x[7, 7, 7], (upper - mean) / std, rtol=1e-5)
     np.testing.assert_allclose(x[1, 1, 1], (50 - mean) / std, rtol=1e-5)
     np.testing.assert_allclose(x[3, 2, 2], (26 - mean) / std, rtol=1e-5)
+
+
+def test_plan_json_round_trip():
+    """The cache's worker processes rebuild the plan from its JSON: every field and the key survive."""
+    from mambaclinix.data.normalization import IntensityStats
+
+    stats = IntensityStats(10.0, 2.0, -5.0, 40.0)
+    plan = PreprocessingPlan((1.5, 0.75, 3.0), ("ct", "zscore"), (stats, None), "linear", "onehot_linear")
+    back = PreprocessingPlan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert back == plan and back.key == plan.key
+    assert back.intensity[0] == stats and back.intensity[1] is None
 
 
 def test_cache_hit_and_invalidation(mr_dataset, tmp_path):

@@ -142,7 +142,7 @@ def test_predict_writes_every_case_exactly_once(ddp):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
 def test_shard_sampler_covers_every_case_once_with_equal_lengths(n, world):
-    from mambaclinix.data.datamodule import _ShardSampler
+    from mambaclinix.data.loaders import _ShardSampler
 
     dataset = list(range(n))
     keys = [list(_ShardSampler(dataset, world, rank)) for rank in range(world)]
@@ -154,7 +154,7 @@ def test_shard_sampler_covers_every_case_once_with_equal_lengths(n, world):
 
 
 def test_padding_batches_are_flagged_and_skipped(tmp_path):
-    from mambaclinix.data.datamodule import _EvalDataset, _ShardSampler, collate_subjects
+    from mambaclinix.data.loaders import _EvalDataset, _ShardSampler, collate_subjects
     from mambaclinix.training import SegmentationModule
 
     data = make_dataset(tmp_path / "data", n=3)

@@ -24,8 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mambaclinix.inference import (
+    OUTPUT_EXTENSIONS,
     SUPPORTED_EXTENSIONS,
     gaussian_importance_map,
+    output_extension,
     read_image_geometry,
     sliding_window_inference,
     window_slices,
@@ -644,6 +646,16 @@ def test_writer_errors(nifti_ref, tmp_path):
     with pytest.raises(ValueError, match="reference image itself"):
         write_segmentation(_labels(), nifti_ref, nifti_ref)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.nii.gz"]
+
+
+def test_output_extension_of_each_input_format():
+    """A prediction keeps its input's format; detached-header formats become their single-file form."""
+    table = {
+        "c_0000.nii.gz": ".nii.gz", "c.nii": ".nii", "c.nrrd": ".nrrd", "c.nhdr": ".nrrd", "c.mha": ".mha",
+        "c.mhd": ".mha", "C.NII.GZ": ".nii.gz", "c.MHD": ".mha", "c.hdr": ".nii.gz", "c.png": ".nii.gz",
+    }  # fmt: skip
+    assert {name: output_extension(Path("in") / name) for name in table} == table
+    assert set(table.values()) <= set(OUTPUT_EXTENSIONS) and SUPPORTED_EXTENSIONS == OUTPUT_EXTENSIONS
 
 
 def test_existing_output_survives_rejected_label_map(nifti_ref, tmp_path):

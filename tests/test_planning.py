@@ -356,7 +356,8 @@ def test_topology_matches_the_network(datasets):
 
 def test_fit_recovers_known_coefficients_and_writes_them(tmp_path):
     """``benchmarks/memory_model.py --fit`` on peaks made from known coefficients gets them back, holds
-    out every 4th point with zero error, and writes a coefficients module the planner can read."""
+    out every 4th point with zero error, and writes a coefficients file like the planner's package data,
+    keeping the fits of devices not refitted."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import memory_model as mm
@@ -371,11 +372,15 @@ def test_fit_recovers_known_coefficients_and_writes_them(tmp_path):
     data = {"device": "cuda", "date": "2026-01-01T00:00", "scan_backend": "test", "results": rows,
             "machine": {"gpu": "test GPU", "torch": torch.__version__}}  # fmt: skip
     (tmp_path / "m.json").write_text(json.dumps(data))
-    report = mm.fit([tmp_path / "m.json"], holdout_every=4, write=tmp_path / "coef.py")
+    out = tmp_path / "coef.json"
+    out.write_text(json.dumps({"coefficients": {"cpu/32-true": {"const": 1.0, "source": "kept"}}}))
+    report = mm.fit([tmp_path / "m.json"], holdout_every=4, write=out)
     fitted = report["cuda/32-true"]["coefficients"]
     for key, value in truth.items():
         assert fitted[key] == pytest.approx(value, rel=1e-6), key
     assert all(abs(h["rel_error"]) < 1e-9 for h in report["cuda/32-true"]["heldout"])
-    namespace: dict = {}
-    exec((tmp_path / "coef.py").read_text(), namespace)
-    assert namespace["COEFFICIENTS"]["cuda/32-true"]["hgcn"] == pytest.approx(120.0, rel=1e-5)
+    written = json.loads(out.read_text())["coefficients"]
+    assert written["cuda/32-true"]["hgcn"] == pytest.approx(120.0, rel=1e-5)
+    assert written["cpu/32-true"] == {"const": 1.0, "source": "kept"}
+    package = json.loads((ROOT / "mambaclinix" / "planning" / "memory_coefficients.json").read_text())
+    assert set(written["cuda/32-true"]) == set(package["coefficients"]["cuda/32-true"])

@@ -1,15 +1,20 @@
-"""Data: the embedded demo dataset (and, later, the TorchIO data pipeline).
+"""Data: the TorchIO data pipeline (nnU-Net's preprocessing, sampling and augmentation) and the embedded
+demo dataset.
 
 :func:`build_demo_dataset` writes a brain-MRI tissue-segmentation dataset (CSF / GM / WM) in the Medical
 Segmentation Decathlon / nnU-Net v2 raw layout from the MNI ICBM152 2009a template shipped inside
 ``nilearn`` (``pip install "mambaclinix[demo]"``); :func:`kmeans_tissue_baseline` is the intensity-only
 baseline a trained network must beat. See :mod:`mambaclinix.data.demo` and ``docs/demo_data.md``.
 
-The TorchIO data pipeline (``docs/data.md``): :class:`SegmentationDataModule` (Lightning), the dataset
-readers of :mod:`mambaclinix.data.datasets` (:func:`read_decathlon`, :func:`read_manifest`, :class:`Case`),
-the preprocessing cache and :func:`invert_to_original` of :mod:`mambaclinix.data.preprocessing`, the
-foreground-oversampling sampler of :mod:`mambaclinix.data.sampling` and the augmentations of
-:mod:`mambaclinix.data.augmentation`.
+The TorchIO data pipeline (``docs/data.md``): :class:`SegmentationDataModule` (Lightning); the dataset
+readers of :mod:`mambaclinix.data.datasets` and :mod:`mambaclinix.data.cases` (:func:`read_decathlon`,
+:func:`read_manifest`, :func:`read_cases`, :func:`find_images`, :class:`Case`); the preprocessing of
+:mod:`mambaclinix.data.preprocessing` (:class:`PreprocessingPlan`, :func:`make_plan`,
+:func:`preprocess_case`; loading, normalisation, resampling and the fingerprint in their own modules)
+and its on-disk cache (:mod:`mambaclinix.data.cache`); :func:`invert_to_original` (defined in
+:mod:`mambaclinix.inference.geometry`); the foreground-oversampling sampler of
+:mod:`mambaclinix.data.sampling`, the augmentations of :mod:`mambaclinix.data.augmentation` and the
+loaders of :mod:`mambaclinix.data.loaders`.
 
 Importing this package imports neither TorchIO nor nilearn: they are imported inside the functions
 that use them, and the pipeline's names below are loaded on first access (``from mambaclinix.data
@@ -21,19 +26,22 @@ import importlib
 _LAZY = {
     # name: defining module (the TorchIO pipeline, imported on first access)
     "SegmentationDataModule": "mambaclinix.data.datamodule",
-    "collate_subjects": "mambaclinix.data.datamodule",
-    "Case": "mambaclinix.data.datasets",
-    "DatasetError": "mambaclinix.data.datasets",
+    "collate_subjects": "mambaclinix.data.loaders",
+    "Case": "mambaclinix.data.cases",
+    "DatasetError": "mambaclinix.data.cases",
+    "find_images": "mambaclinix.data.cases",
+    "CaseLists": "mambaclinix.data.datasets",
     "DatasetInfo": "mambaclinix.data.datasets",
-    "find_images": "mambaclinix.data.datasets",
+    "read_cases": "mambaclinix.data.datasets",
+    "read_dataset_info": "mambaclinix.data.datasets",
     "read_dataset_json": "mambaclinix.data.datasets",
     "read_decathlon": "mambaclinix.data.datasets",
     "read_manifest": "mambaclinix.data.datasets",
     "PreprocessingPlan": "mambaclinix.data.preprocessing",
-    "invert_to_original": "mambaclinix.data.preprocessing",
     "make_plan": "mambaclinix.data.preprocessing",
     "preprocess_case": "mambaclinix.data.preprocessing",
     "preprocess_to_cache": "mambaclinix.data.preprocessing",
+    "invert_to_original": "mambaclinix.inference.geometry",
     "ForegroundOversamplingSampler": "mambaclinix.data.sampling",
     "nnunet_augmentation": "mambaclinix.data.augmentation",
     "validate_cases": "mambaclinix.data.validation",

@@ -1,306 +1,56 @@
-"""``SegmentationDataModule``: TorchIO patch training on nnU-Net-preprocessed volumes (spec §3).
+"""``SegmentationDataModule``: TorchIO patch training on nnU-Net-preprocessed volumes (nnU-Net v2's recipe,
+as MambaClinix trains, Bian et al., arXiv:2409.12533).
 
-**Sources.** ``data_dir`` (Decathlon / nnU-Net raw layout) or ``manifest`` (CSV), see
-:mod:`mambaclinix.data.datasets`. A manifest may sit next to a ``dataset.json`` describing channels and
-labels; otherwise channels are named ``"unknown"`` (so ``normalization="auto"`` means z-score) and the
-classes are read from the training labels on first use.
+The data module reads a Decathlon / nnU-Net raw folder or a CSV manifest (:mod:`mambaclinix.data.datasets`),
+splits the labelled training pool deterministically (by ``seed``, ``fold`` or ``val_fraction``, or the
+manifest's ``val`` rows), checks every file (:mod:`mambaclinix.data.validation`) and preprocesses into
+the on-disk cache in :meth:`~SegmentationDataModule.prepare_data` (:mod:`mambaclinix.data.preprocessing`,
+:mod:`mambaclinix.data.cache`), and serves seeded patch batches for training and whole volumes for
+validation, test and prediction (:mod:`mambaclinix.data.loaders`), sharded across ranks under
+``torch.distributed``. Its ``state_dict`` records the position in the training stream so that a resumed
+run trains on the patches the uninterrupted run would have.
 
-**Splits** (deterministic). The training pool (``imagesTr``; manifest rows with a label and split
-``train`` or empty) is sorted by case name and permuted with ``numpy.random.default_rng(seed)``. With
-``fold=None`` the first ``round(val_fraction · n)`` cases of the permutation validate (at least one when
-``val_fraction > 0`` and n ≥ 2; none when ``val_fraction == 0``, and then ``val_dataloader`` returns an
-empty list); with ``fold=f`` the permutation is cut into ``num_folds`` near-equal parts
-(``numpy.array_split``) and part ``f`` validates, so the folds partition the pool. A manifest with
-``val`` rows uses exactly those for validation and ignores ``val_fraction``/``fold``. Test cases:
-``imagesTs`` (+ ``labelsTs``) or manifest rows with split ``test``. Prediction: ``predict_dir`` (a folder
-or a list of files; nnU-Net v2 channel files are grouped by case) or, by default, the test cases and
-the manifest's unlabelled unassigned rows.
-
-**Preprocessing** happens in :meth:`SegmentationDataModule.prepare_data` (one process per node, the
-cache in ``cache_dir``; see :mod:`mambaclinix.data.preprocessing`), after a check of every file of the
-stage's cases (:mod:`mambaclinix.data.validation`, ``validate=False`` skips it) that fails early with one
-error listing every problem. The plan (median spacing, CT
-statistics) always comes from the whole labelled training pool, so every fold shares one cache. When a
-Trainer is attached only the cases its stage needs are preprocessed (fit/validate: training pool;
-test: test cases; predict: prediction cases); called by hand, everything. :meth:`setup` only reads the
-cache (and fills in what is missing, with a log message, if ``prepare_data`` was skipped).
-
-**Training loader.** A ``tio.Queue`` of ``queue_length`` patches, ``samples_per_volume`` per loaded
-subject, cut by :class:`~mambaclinix.data.sampling.ForegroundOversamplingSampler`; subjects are loaded
-and augmented (:func:`~mambaclinix.data.augmentation.nnunet_augmentation`, unless ``augment=False``)
-by the Queue's ``num_workers`` worker processes, while the outer ``DataLoader`` uses ``num_workers=0``
-as TorchIO requires. An epoch is ``iterations_per_epoch`` batches (nnU-Net: 250) or, when ``None``, one
-pass over this rank's training subjects (``ceil(subjects · samples_per_volume / batch_size)`` batches).
-
-**Distributed training.** The Queue's subject sampler is always a ``DistributedSampler`` (world size 1
-outside distributed runs): when ``torch.distributed`` is initialised at ``train_dataloader()`` time,
-each rank loads only its own subjects (``drop_last=False``: with a subject count not divisible by the
-world size, up to ``world − 1`` subjects per pass also appear on a second rank, as with Lightning's own
-sampler). The outer loader's sampler is a one-replica ``DistributedSampler`` over the patch stream, so
-Lightning does not inject its own sampler: ``use_distributed_sampler`` may keep its default ``True``.
-Validation/test/predict loaders hold whole volumes, one per batch, and shard them without repetition: rank
-``r`` of ``w`` takes cases ``r, r + w, …`` (each case on exactly one rank; Lightning's own sampler would
-repeat cases to even out the ranks and count them twice). Ranks left with fewer cases get padding batches
-of a repeated case marked ``batch["duplicate"] = [True]``, which
-:class:`~mambaclinix.training.SegmentationModule` skips, so every rank runs the same number of steps.
-
-**Determinism.** Given ``seed``: the split; the subject order of pass ``p`` (``DistributedSampler`` with
-``set_epoch(p)``); the augmentation of each subject load (torch seeded from ``(seed, p, subject)``
-inside ``torch.random.fork_rng``, independent of worker count and process); the patch positions (a
-generator seeded per subject load); the Queue's patch shuffling (its own generator seeded from
-``(seed, rank)`` and reseeded from it and the epoch at each epoch). The global RNG state of the training
-process is not touched.
-
-**Epochs and resuming.** Each epoch restarts the patch stream (empty queue; subject passes
-``epoch · 2^20, …``; shuffle reseeded), so the patches of epoch ``e`` depend only on ``(seed, rank, world
-size, e)`` and not on what earlier epochs left in the queue. :meth:`SegmentationDataModule.state_dict`
-(saved in every checkpoint) records the epoch and the training batches already done in it; resuming from a
-mid-epoch checkpoint (``--ckpt_path last``) regenerates that epoch's stream and skips those batches
-(loading and cutting their patches again, without training on them), so the resumed run trains on
-exactly the patches the uninterrupted run would have (same world size and data settings).
-
-**Batches** — every loader yields a plain ``dict``:
-
-* ``"image"``: float32 ``(B, C, W, H, D)`` (training: ``patch_size``; otherwise a whole preprocessed
-  volume with ``B = 1``),
-* ``"label"``: int64 ``(B, 1, W, H, D)``, present when every case of the batch has a label,
-* ``"name"``: ``list[str]`` of case names,
-* ``"meta"``: ``list[dict]``, one per case, with the keys listed in :mod:`mambaclinix.data.preprocessing`
-  (``image_paths``, ``original_shape``, ``original_affine``, ``crop_bbox``, ``spacing``, …) — what
-  :func:`~mambaclinix.data.preprocessing.invert_to_original` and a prediction writer need,
-* ``"duplicate"``: ``list[bool]``, only in the padding batches of distributed evaluation (see above).
+``docs/data.md`` describes the split rule, the loaders, determinism, distributed training, resuming and
+the batch format in full.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 import torchio as tio
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from mambaclinix.data.augmentation import nnunet_augmentation
+from mambaclinix.data.cache import CachedCase, case_signature, default_cache_root, stable_hash
 from mambaclinix.data.datasets import (
     Case,
     DatasetError,
     DatasetInfo,
     find_images,
-    read_dataset_json,
-    read_decathlon,
-    read_manifest,
+    read_cases,
+    read_dataset_info,
 )
-from mambaclinix.data.preprocessing import (
-    IMAGE_INTERPOLATIONS,
-    LABEL_INTERPOLATIONS,
-    NORMALIZATIONS,
-    CachedCase,
-    PreprocessingPlan,
-    make_plan,
-    preprocess_to_cache,
-    read_cached_array,
+from mambaclinix.data.loaders import (
+    _TrainLoader,
+    cached_subject,
+    collate_subjects,
+    patch_loader,
+    volume_loader,
 )
-from mambaclinix.data.sampling import SEED_KEY, ForegroundOversamplingSampler
+from mambaclinix.data.normalization import NORMALIZATIONS
+from mambaclinix.data.preprocessing import PreprocessingPlan, make_plan, preprocess_to_cache
+from mambaclinix.data.resampling import IMAGE_INTERPOLATIONS, LABEL_INTERPOLATIONS
+from mambaclinix.utils.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SegmentationDataModule", "collate_subjects"]
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence hashing)."""
-    state = np.random.SeedSequence([int(v) & ((1 << 63) - 1) for v in values]).generate_state(2, np.uint32)
-    return int(state.view(np.uint64)[0] & np.uint64((1 << 63) - 1))
-
-
-def collate_subjects(subjects: Sequence[tio.Subject]) -> dict[str, Any]:
-    """TorchIO subjects (whole volumes or patches) → ``{"image", "label"?, "name", "meta"}`` (see the module
-    docstring); images are stacked as float32, labels as int64."""
-    batch: dict[str, Any] = {"image": torch.stack([s["image"].data.float() for s in subjects])}
-    if all("label" in s for s in subjects):
-        batch["label"] = torch.stack([s["label"].data.long() for s in subjects])
-    batch["name"] = [str(s["name"]) for s in subjects]
-    batch["meta"] = [s["meta"] for s in subjects]
-    if any(s.get("duplicate", False) for s in subjects):
-        batch["duplicate"] = [bool(s.get("duplicate", False)) for s in subjects]
-    return batch
-
-
-class _SeededSubjectsDataset(tio.SubjectsDataset):
-    """``SubjectsDataset`` whose keys encode ``(pass, index)``; each load is seeded from ``(seed, pass,
-    index)`` so that its augmentation and patches do not depend on workers or on the global RNG."""
-
-    def __init__(self, subjects: Sequence[tio.Subject], transform: tio.Transform | None, seed: int):
-        super().__init__(list(subjects), transform=transform)
-        self.seed = int(seed)
-
-    def __getitem__(self, key: int) -> tio.Subject:
-        pass_index, index = divmod(int(key), len(self._subjects))
-        seed = _mix(self.seed, pass_index, index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            subject = super().__getitem__(index)
-        subject[SEED_KEY] = _mix(seed, 1)
-        return subject
-
-
-class _PassSampler(Sampler[int]):
-    """Wraps a ``DistributedSampler``: each iteration (one Queue pass) sets its epoch to the pass index
-    and yields ``pass · num_subjects + index`` keys for :class:`_SeededSubjectsDataset`."""
-
-    def __init__(self, inner: DistributedSampler, num_subjects: int):
-        self.inner = inner
-        self.num_subjects = num_subjects
-        self.pass_index = 0
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __iter__(self):
-        current = self.pass_index
-        self.pass_index += 1
-        self.inner.set_epoch(current)
-        for index in self.inner:
-            yield current * self.num_subjects + int(index)
-
-
-_PASS_STRIDE = 1 << 20
-"""Subject passes reserved per epoch: epoch ``e`` reads passes ``e · _PASS_STRIDE``, ``+ 1``, …"""
-
-
-class _PatchQueue(tio.Queue):
-    """``tio.Queue`` with a seeded patch shuffle, an epoch length that does not iterate the sampler, and
-    :meth:`restart` to begin the patch stream of a given epoch."""
-
-    def __init__(self, *args, seed: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._seed = int(seed)
-        self._generator = torch.Generator().manual_seed(seed)
-
-    def restart(self, epoch: int) -> None:
-        """Drop the queued patches (and the subject loader with its workers) and start epoch ``epoch``'s
-        stream: subject passes from ``epoch · _PASS_STRIDE``, patch shuffle seeded from ``(seed, epoch)``.
-        The stream of an epoch is thus a function of ``(seed, rank, world size, epoch)`` alone."""
-        self.patches_list = []
-        self._incomplete_subject = None
-        self._num_patches_incomplete = 0
-        self._subjects_iterable = None
-        self.subject_sampler.pass_index = int(epoch) * _PASS_STRIDE
-        self._generator.manual_seed(_mix(self._seed, int(epoch)))
-
-    @property
-    def iterations_per_epoch(self) -> int:
-        return self.num_subjects * self.samples_per_volume
-
-    def _shuffle_patches_list(self) -> None:
-        order = torch.randperm(self.num_patches, generator=self._generator)
-        self.patches_list = [self.patches_list[i] for i in order]
-
-
-class _PatchStream(Dataset):
-    """``length`` patches popped from a Queue (indices are ignored, as ``tio.Queue`` does)."""
-
-    def __init__(self, queue: tio.Queue, length: int):
-        self.queue = queue
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tio.Subject:
-        return self.queue[index]
-
-
-class _TrainLoader(DataLoader):
-    """The training ``DataLoader``: each ``iter()`` (one epoch) first calls ``on_iter`` (which restarts the
-    patch stream). ``state_dict``/``load_state_dict`` are the data module's stream position (Lightning saves
-    and restores it as the data module's state; loading it twice is harmless)."""
-
-    def __init__(
-        self, *args, on_iter: Callable[[_TrainLoader], None], module: SegmentationDataModule, **kwargs
-    ):
-        super().__init__(*args, **kwargs)
-        self._on_iter = on_iter
-        self._module = module
-        self.next_epoch = 0  # the epoch of the next iter() when no Trainer is attached
-
-    def __iter__(self):
-        self._on_iter(self)
-        return super().__iter__()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._module.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._module.load_state_dict(state_dict)
-
-
-class _ShardSampler(DistributedSampler):
-    """Evaluation sampler: rank ``r`` of ``w`` takes cases ``r, r + w, r + 2w, …`` of the (unshuffled)
-    dataset, each case on exactly one rank. Ranks with fewer cases are padded to the same number of
-    batches with keys ``>= len(dataset)``, which :class:`_EvalDataset` turns into copies marked
-    ``duplicate`` that the ``LightningModule`` skips; equal batch counts keep every collective call (DDP's
-    buffer broadcast, metric syncs) matched across ranks. A ``DistributedSampler``, so Lightning does not
-    replace it."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        n = len(dataset)  # type: ignore[arg-type]
-        self.num_samples = max(1, math.ceil(n / num_replicas))
-        self.total_size = self.num_samples * num_replicas
-        self.own = list(range(rank, n, num_replicas))
-
-    def __iter__(self):
-        n = len(self.dataset)  # type: ignore[arg-type]
-        pad = [n + (i % max(n, 1)) for i in range(self.num_samples - len(self.own))]
-        return iter(self.own + pad)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class _EvalDataset(tio.SubjectsDataset):
-    """Whole-volume subjects; key ``n + i`` (``n`` subjects) is a copy of subject ``i`` marked
-    ``duplicate=True`` (padding of :class:`_ShardSampler`)."""
-
-    def __getitem__(self, index: int) -> tio.Subject:
-        n = len(self._subjects)
-        if int(index) < n:
-            return super().__getitem__(int(index))
-        subject = super().__getitem__(int(index) % n)
-        subject["duplicate"] = True
-        return subject
-
-
-def _distributed_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
-def _subject(entry: CachedCase) -> tio.Subject:
-    for path in (entry.image_path, entry.label_path):
-        if path is None:
-            continue
-        try:  # header and file size only (memory map): a truncated cache file fails here, before training
-            np.load(path, mmap_mode="r")
-        except Exception as err:
-            raise DatasetError(
-                f"case '{entry.name}': preprocessed file {path} is unreadable ({type(err).__name__}: {err}); "
-                f"delete the folder {path.parent} to have the case preprocessed again"
-            ) from err
-    images: dict[str, Any] = {"image": tio.ScalarImage(entry.image_path, reader=read_cached_array)}
-    if entry.label_path is not None:
-        images["label"] = tio.LabelMap(entry.label_path, reader=read_cached_array)
-    return tio.Subject(**images, name=entry.name, meta=entry.meta)
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -451,12 +201,7 @@ class SegmentationDataModule(L.LightningDataModule):
     @property
     def _info(self) -> DatasetInfo | None:
         if not self._info_loaded:
-            if self.data_dir is not None:
-                self._info_value = read_dataset_json(self.data_dir)
-            else:
-                assert self.manifest is not None
-                beside = self.manifest.parent / "dataset.json"
-                self._info_value = read_dataset_json(self.manifest.parent) if beside.is_file() else None
+            self._info_value = read_dataset_info(self.data_dir, self.manifest)
             self._info_loaded = True
         return self._info_value
 
@@ -464,21 +209,13 @@ class SegmentationDataModule(L.LightningDataModule):
         """Case lists by role: ``pool`` (labelled training pool), ``val`` (explicit), ``test``,
         ``predict``."""
         if self._case_lists is None:
-            if self.data_dir is not None:
-                pool = read_decathlon(self.data_dir, "train")
-                val: list[Case] = []
-                test = read_decathlon(self.data_dir, "test")
-                default_predict = test
-            else:
-                assert self.manifest is not None
-                rows = read_manifest(self.manifest)
-                pool = [c for c in rows if c.label_path is not None and c.split in (None, "train")]
-                val = [c for c in rows if c.split == "val"]
-                test = [c for c in rows if c.split == "test"]
-                default_predict = test + [c for c in rows if c.split is None and c.label_path is None]
-            if not pool:
-                raise DatasetError(f"{self.data_dir or self.manifest}: no labelled training cases")
-            self._case_lists = {"pool": pool, "val": val, "test": test, "predict": default_predict}
+            lists = read_cases(self.data_dir, self.manifest)
+            self._case_lists = {
+                "pool": lists.train,
+                "val": lists.val,
+                "test": lists.test,
+                "predict": lists.test + lists.unlabelled,
+            }
             if self.predict_dir is not None:
                 info = self._info
                 # nnU-Net v2: one file per channel; MSD: one (4D) file per case; manifest: guessed, the
@@ -532,7 +269,7 @@ class SegmentationDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------------------------------- splits
 
     def split(self) -> tuple[list[Case], list[Case]]:
-        """``(train, val)`` cases (see the module docstring for the rule)."""
+        """``(train, val)`` cases (the rule is in ``docs/data.md``, "Sources and splits")."""
         cases = self._cases()
         pool = sorted(cases["pool"], key=lambda c: c.name)
         if cases["val"]:
@@ -560,19 +297,7 @@ class SegmentationDataModule(L.LightningDataModule):
             root = Path(self.cache_dir)
             root.mkdir(parents=True, exist_ok=True)
             return root
-        base = self.data_dir if self.data_dir is not None else self.manifest.parent  # type: ignore[union-attr]
-        root = base / ".mambaclinix_cache"
-        try:
-            root.mkdir(exist_ok=True)
-            if os.access(root, os.W_OK):
-                return root
-        except OSError:
-            pass
-        digest = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:16]
-        user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mambaclinix" / digest
-        user.mkdir(parents=True, exist_ok=True)
-        logger.info("%s is not writable; caching preprocessed data in %s", base, user)
-        return user
+        return default_cache_root(self.data_dir if self.data_dir is not None else self.manifest.parent)  # type: ignore[union-attr]
 
     def plan(self) -> PreprocessingPlan:
         """The resolved preprocessing plan (computes and caches the dataset fingerprint if needed)."""
@@ -640,20 +365,17 @@ class SegmentationDataModule(L.LightningDataModule):
         Raises:
             DatasetError: the problems found, each naming the case and file.
         """
-        from mambaclinix.data.preprocessing import case_signature
         from mambaclinix.data.validation import validate_cases
 
         info = self._info
         described = None if info is None else [list(info.channel_names), sorted(info.labels)]
-        key = json.dumps([1, described, [case_signature(c) for c in cases]], sort_keys=True)
-        marker = self.cache_root() / f"validated-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        key = stable_hash([1, described, [case_signature(c) for c in cases]])
+        marker = self.cache_root() / f"validated-{key}.json"
         if marker.is_file():
             logger.info("dataset check: %d case(s) unchanged since the last check (%s)", len(cases), marker)
             return
         report = validate_cases(cases, info)
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"cases": [c.name for c in cases], "empty_labels": report.empty_labels}))
-        os.replace(tmp, marker)
+        write_json_atomic(marker, {"cases": [c.name for c in cases], "empty_labels": report.empty_labels})
 
     def setup(self, stage: str | None = None) -> None:
         """Build the subject lists of ``stage`` from the cache.
@@ -664,12 +386,12 @@ class SegmentationDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", None):
             train, val = self.split()
             if stage != "validate":
-                self.train_subjects = [_subject(e) for e in self._cached(train)]
-            self.val_subjects = [_subject(e) for e in self._cached(val)]
+                self.train_subjects = [cached_subject(e) for e in self._cached(train)]
+            self.val_subjects = [cached_subject(e) for e in self._cached(val)]
         if stage in ("test", None):
-            self.test_subjects = [_subject(e) for e in self._cached(self._cases()["test"])]
+            self.test_subjects = [cached_subject(e) for e in self._cached(self._cases()["test"])]
         if stage in ("predict", None):
-            self.predict_subjects = [_subject(e) for e in self._cached(self._cases()["predict"])]
+            self.predict_subjects = [cached_subject(e) for e in self._cached(self._cases()["predict"])]
 
     # ------------------------------------------------------------------------------------- loaders
 
@@ -680,41 +402,22 @@ class SegmentationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.train_subjects:
             raise RuntimeError("no training subjects: call prepare_data() and setup('fit') first")
-        world, rank = _distributed_world()
-        dataset = _SeededSubjectsDataset(self.train_subjects, self.train_transform(), self.seed)
-        subject_sampler = DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=False
-        )
-        self.train_subject_sampler = subject_sampler
-        queue = _PatchQueue(
-            dataset,
-            max_length=self.queue_length,
-            samples_per_volume=self.samples_per_volume,
-            sampler=ForegroundOversamplingSampler(
-                self.patch_size, self.foreground_probability, seed=_mix(self.seed, rank, 2)
-            ),
-            subject_sampler=_PassSampler(subject_sampler, len(dataset)),
-            num_workers=self.num_workers,
-            shuffle_subjects=False,
-            shuffle_patches=True,
-            start_background=False,
-            seed=_mix(self.seed, rank, 3),
-        )
-        if self.iterations_per_epoch is not None:
-            num_patches = self.iterations_per_epoch * self.batch_size
-        else:
-            num_patches = math.ceil(len(queue) / self.batch_size) * self.batch_size
-        stream = _PatchStream(queue, num_patches)
-        return _TrainLoader(
-            stream,
+        loader = patch_loader(
+            self.train_subjects,
+            self.train_transform(),
+            patch_size=self.patch_size,
             batch_size=self.batch_size,
-            # One replica over the stream: Lightning then leaves the sampler alone under DDP.
-            sampler=DistributedSampler(stream, num_replicas=1, rank=0, shuffle=False),
-            num_workers=0,  # the Queue's own workers load the subjects
-            collate_fn=collate_subjects,
+            samples_per_volume=self.samples_per_volume,
+            queue_length=self.queue_length,
+            num_workers=self.num_workers,
+            foreground_probability=self.foreground_probability,
+            seed=self.seed,
+            iterations_per_epoch=self.iterations_per_epoch,
             on_iter=self._start_epoch_stream,
             module=self,
         )
+        self.train_subject_sampler = loader.subject_sampler
+        return loader
 
     def _start_epoch_stream(self, loader: _TrainLoader) -> None:
         """Restart the patch stream of ``loader`` at the current epoch (the Trainer's, else the loader's
@@ -765,32 +468,19 @@ class SegmentationDataModule(L.LightningDataModule):
             )
         self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
-    def _volume_loader(self, subjects: list[tio.Subject]) -> DataLoader:
-        dataset = _EvalDataset(subjects)
-        world, rank = _distributed_world()
-        return DataLoader(
-            dataset,
-            batch_size=1,
-            # Under DDP each case is evaluated on exactly one rank (Lightning's own sampler would repeat
-            # cases to even out the ranks); outside it, this is the plain sequential order.
-            sampler=_ShardSampler(dataset, world, rank),
-            num_workers=self.num_workers,
-            collate_fn=collate_subjects,
-        )
-
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_subjects:
             return []
-        return self._volume_loader(self.val_subjects)
+        return volume_loader(self.val_subjects, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         if not self.test_subjects:
             raise DatasetError(f"{self.data_dir or self.manifest}: no test cases (imagesTs / split 'test')")
-        return self._volume_loader(self.test_subjects)
+        return volume_loader(self.test_subjects, self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         if not self.predict_subjects:
             raise DatasetError(
                 f"{self.data_dir or self.manifest}: no images to predict (predict_dir / imagesTs)"
             )
-        return self._volume_loader(self.predict_subjects)
+        return volume_loader(self.predict_subjects, self.num_workers)

@@ -1,4 +1,4 @@
-"""Reading segmentation datasets: the Decathlon / nnU-Net raw layout and CSV manifests (spec §3).
+"""Reading segmentation datasets: the Decathlon / nnU-Net raw layout and CSV manifests.
 
 Two sources are understood; both give a list of :class:`Case` (name, image file(s), label file or
 ``None``), validated early: every error names the offending file (or case, or key) and says what was
@@ -29,12 +29,13 @@ unassigned) and optional ``name``; paths are relative to the CSV's folder (absol
 Without a ``name`` column the case name is the first image's file name without extension and without a
 trailing ``_0000``.
 
-Supported image formats (read by TorchIO: SimpleITK, with nibabel as fallback): :data:`SUPPORTED_EXTENSIONS`.
-Files whose name starts with ``.`` (e.g. macOS ``._`` resource forks shipped in MSD archives) are ignored
-when listing folders.
+**Training pool.** :func:`read_cases` sorts a dataset's cases by role, with one rule for every user
+(the data module, the planner): the labelled training pool is ``imagesTr`` + ``labelsTr``, or the
+manifest rows with a label and split ``train`` or empty.
 
-This module reads only JSON/CSV and directory listings; images are opened by
-:mod:`mambaclinix.data.preprocessing`.
+Input formats, file naming and :func:`find_images` are in :mod:`mambaclinix.data.cases` (re-exported
+here). This module reads only JSON/CSV and directory listings; images are opened by
+:mod:`mambaclinix.data.loading`.
 """
 
 from __future__ import annotations
@@ -42,53 +43,45 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+from mambaclinix.data.cases import (
+    INPUT_EXTENSIONS,
+    SUPPORTED_EXTENSIONS,
+    Case,
+    DatasetError,
+    case_name,
+    check_unique,
+    find_images,
+    group_channel_files,
+    split_extension,
+    visible_files,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "INPUT_EXTENSIONS",
     "SUPPORTED_EXTENSIONS",
     "Case",
+    "CaseLists",
     "DatasetError",
     "DatasetInfo",
     "find_images",
+    "read_cases",
+    "read_dataset_info",
     "read_dataset_json",
     "read_decathlon",
     "read_manifest",
     "split_extension",
 ]
 
-SUPPORTED_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-"""Image file extensions understood everywhere in :mod:`mambaclinix.data` (longest first)."""
-
 SPLITS = ("train", "val", "test")
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-
-class DatasetError(ValueError):
-    """A dataset on disk does not have the expected layout; the message names the file or case."""
-
-
-@dataclass(frozen=True)
-class Case:
-    """One case of a dataset.
-
-    Attributes:
-        name: case identifier (unique within a dataset).
-        image_paths: one file per channel (nnU-Net v2 / ``image_0…`` columns), or a single file that may
-            hold several channels (MSD 4D NIfTI).
-        label_path: the label map, ``None`` when there is none (prediction-only images).
-        split: the manifest's ``split`` value (``"train"``, ``"val"``, ``"test"``), ``None`` when not
-            given (always ``None`` for the Decathlon layout, where the folder decides).
-    """
-
-    name: str
-    image_paths: tuple[Path, ...]
-    label_path: Path | None = None
-    split: str | None = field(default=None, compare=False)
+TRAINING_SPLITS = (None, "train")
+"""Manifest ``split`` values of the training pool (with a label): ``train`` or empty."""
 
 
 @dataclass(frozen=True)
@@ -122,20 +115,6 @@ class DatasetInfo:
     def class_names(self) -> list[str]:
         """Class names indexed by label value (unlisted values are called ``class_<v>``)."""
         return [self.labels.get(v, f"class_{v}") for v in range(self.num_classes)]
-
-
-def split_extension(path: str | Path) -> tuple[str, str] | None:
-    """Split a file name into (stem, extension) for a supported extension, else ``None``.
-
-    >>> split_extension("case_0000.nii.gz")
-    ('case_0000', '.nii.gz')
-    """
-    name = Path(path).name
-    lower = name.lower()
-    for ext in SUPPORTED_EXTENSIONS:
-        if lower.endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)], name[-len(ext) :]
-    return None
 
 
 def _load_json(path: Path) -> dict:
@@ -187,10 +166,9 @@ def _parse_dataset_json(data: dict, path: Path) -> DatasetInfo:
         channels = _channel_names(_require(data, "channel_names", path, layout, dict), path, "channel_names")
         raw_labels = _require(data, "labels", path, layout, dict)
         file_ending = _require(data, "file_ending", path, layout, str)
-        if file_ending.lower() not in SUPPORTED_EXTENSIONS:
+        if file_ending.lower() not in INPUT_EXTENSIONS:
             raise DatasetError(
-                f"{path}: file_ending '{file_ending}' is not supported; "
-                f"expected one of {SUPPORTED_EXTENSIONS}"
+                f"{path}: file_ending '{file_ending}' is not supported; expected one of {INPUT_EXTENSIONS}"
             )
         labels: dict[int, str] = {}
         for name, value in raw_labels.items():
@@ -232,41 +210,6 @@ def _parse_dataset_json(data: dict, path: Path) -> DatasetInfo:
     )
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def _group_channel_files(
-    files: Iterable[Path], folder: Path, num_channels: int | None, file_ending: str | None
-) -> dict[str, tuple[Path, ...]]:
-    """Group ``CASE_0000<ext>`` files by case; every case must have channels 0..n-1."""
-    groups: dict[str, dict[int, Path]] = {}
-    for path in files:
-        parts = split_extension(path)
-        if parts is None or (file_ending is not None and parts[1].lower() != file_ending.lower()):
-            continue
-        match = _CHANNEL_RE.match(parts[0])
-        if match is None:
-            raise DatasetError(
-                f"{path}: image file name must end with a 4-digit channel index, e.g. CASE_0000{parts[1]}"
-            )
-        groups.setdefault(match["case"], {})[int(match["channel"])] = path
-    if not groups:
-        raise DatasetError(f"{folder}: no images found (expected CASE_0000{file_ending or '.nii.gz'} files)")
-    counts = {name: len(ch) for name, ch in groups.items()}
-    expected = num_channels if num_channels is not None else max(counts.values())
-    result: dict[str, tuple[Path, ...]] = {}
-    for name in sorted(groups):
-        channels = groups[name]
-        if sorted(channels) != list(range(expected)):
-            raise DatasetError(
-                f"case '{name}' in {folder}: mixed channel counts: found channels {sorted(channels)}, "
-                f"expected {list(range(expected))} ({expected} channel file(s) per case)"
-            )
-        result[name] = tuple(channels[i] for i in range(expected))
-    return result
-
-
 def _label_for(case: str, label_dir: Path, ending: str, image: Path) -> Path:
     label = label_dir / f"{case}{ending}"
     if not label.is_file():
@@ -293,25 +236,6 @@ def _msd_image_files(image: Path, where: str) -> tuple[Path, ...]:
         if channels:
             return tuple(channels)
     raise DatasetError(f"{where}: listed image file does not exist: {image}")
-
-
-def _case_name(image: Path) -> str:
-    parts = split_extension(image)
-    if parts is None:
-        raise DatasetError(f"{image}: unsupported file type; expected one of {SUPPORTED_EXTENSIONS}")
-    match = _CHANNEL_RE.match(parts[0])
-    return match["case"] if match is not None and match["channel"] == "0000" else parts[0]
-
-
-def _check_unique(cases: Sequence[Case], source: Path) -> None:
-    seen: dict[str, Case] = {}
-    for case in cases:
-        if case.name in seen:
-            raise DatasetError(
-                f"{source}: two cases are named '{case.name}' ({seen[case.name].image_paths[0]} and "
-                f"{case.image_paths[0]}); case names must be unique"
-            )
-        seen[case.name] = case
 
 
 def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
@@ -350,7 +274,7 @@ def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
             return []
         ending = info.file_ending
         assert ending is not None
-        groups = _group_channel_files(_visible_files(image_dir), image_dir, info.num_channels, ending)
+        groups = group_channel_files(visible_files(image_dir), image_dir, info.num_channels, ending)
         for name, paths in groups.items():
             label = _label_for(name, label_dir, ending, paths[0]) if need_labels else None
             cases.append(Case(name, paths, label))
@@ -361,7 +285,7 @@ def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
                 if not isinstance(entry, dict) or "image" not in entry:
                     raise DatasetError(f"{where}: missing key 'image'")
                 image = _resolve_listed(root, entry["image"], "image", where)
-                name = _case_name(image)
+                name = case_name(image)
                 if "label" not in entry or entry["label"] in (None, ""):
                     raise DatasetError(f"case '{name}' ({where}): image {image} has no label")
                 label = _resolve_listed(root, entry["label"], "label", where)
@@ -376,11 +300,11 @@ def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
                     raw = entry.get("image") if isinstance(entry, dict) else entry
                     images.append(_resolve_listed(root, raw, "image", f"{json_path}: test[{i}]"))
             elif image_dir.is_dir():
-                images = [p for p in _visible_files(image_dir) if split_extension(p) is not None]
+                images = [p for p in visible_files(image_dir) if split_extension(p) is not None]
             else:
                 return []
             for image in images:
-                name = _case_name(image)
+                name = case_name(image)
                 files = _msd_image_files(image, f"{json_path}: test case '{name}'")
                 ext = split_extension(image)[1]  # type: ignore[index]
                 label = _label_for(name, label_dir, ext, image) if need_labels else None
@@ -396,11 +320,11 @@ def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
         if label_dir.is_dir():
             names = {c.name for c in cases}
             ending = info.file_ending
-            for label in _visible_files(label_dir):
+            for label in visible_files(label_dir):
                 parts = split_extension(label)
                 if parts is not None and (ending is None or parts[1] == ending) and parts[0] not in names:
                     logger.warning("%s: label without an image in %s (ignored)", label, image_dir)
-    _check_unique(cases, json_path)
+    check_unique(cases, json_path)
     return sorted(cases, key=lambda c: c.name)
 
 
@@ -458,8 +382,7 @@ def read_manifest(manifest: str | Path) -> list[Case]:
             raise DatasetError(f"{path}, row {row_no}: {what} file does not exist: {p}")
         if split_extension(p) is None:
             raise DatasetError(
-                f"{path}, row {row_no}: {what} file {p} has an unsupported type; "
-                f"expected {SUPPORTED_EXTENSIONS}"
+                f"{path}, row {row_no}: {what} file {p} has an unsupported type; expected {INPUT_EXTENSIONS}"
             )
         return p
 
@@ -471,7 +394,7 @@ def read_manifest(manifest: str | Path) -> list[Case]:
             raise DatasetError(f"{path}, row {row_no}: empty '{image_columns[0]}' cell")
         present = [c for c in cells if c]
         images = tuple(resolve(c, "image", row_no) for c in present)
-        name = row.get("name") or row.get("case") or _case_name(images[0])
+        name = row.get("name") or row.get("case") or case_name(images[0])
         if len(present) != len(cells):
             raise DatasetError(
                 f"case '{name}' ({path}, row {row_no}): mixed channel counts: {len(present)} image file(s), "
@@ -487,62 +410,71 @@ def read_manifest(manifest: str | Path) -> list[Case]:
                 f"case '{name}' ({path}, row {row_no}): split '{split}' needs a label, none given"
             )
         cases.append(Case(name, images, label, split))
-    _check_unique(cases, path)
+    check_unique(cases, path)
     return cases
 
 
-def find_images(
-    source: str | Path | Sequence[str | Path],
-    num_channels: int | None = None,
-    per_channel_files: bool | None = None,
-) -> list[Case]:
-    """Cases (without labels) from a folder of images or a list of image files, e.g. for prediction.
-
-    Args:
-        source: a folder (its visible files with a supported extension) or a list of files.
-        num_channels: expected channel files per case when ``per_channel_files``.
-        per_channel_files: ``True``: files are ``CASE_0000<ext>``, ``CASE_0001<ext>``… and are grouped
-            by case (nnU-Net v2); ``False``: every file is one case (possibly a 4D multi-channel file);
-            ``None``: group only if every file ends in a 4-digit channel index and grouping gives every
-            case the channels 0..n-1 (or ``num_channels`` of them), otherwise one file per case.
+def read_dataset_info(
+    data_dir: str | Path | None = None, manifest: str | Path | None = None
+) -> DatasetInfo | None:
+    """``dataset.json`` of a Decathlon folder, or the one beside a manifest (``None`` when there is none).
 
     Raises:
-        DatasetError: missing folder or file (named), unsupported file type, bad channel grouping.
+        DatasetError: see :func:`read_dataset_json`.
     """
-    if isinstance(source, (str, Path)):
-        folder = Path(source)
-        if not folder.is_dir():
-            if folder.is_file():
-                files = [folder]
-                folder = folder.parent
-            else:
-                raise DatasetError(f"{folder}: folder or image file to predict does not exist")
-        else:
-            files = [p for p in _visible_files(folder) if split_extension(p) is not None]
-            if not files:
-                raise DatasetError(f"{folder}: no images with a supported extension {SUPPORTED_EXTENSIONS}")
+    source = _one_source(data_dir, manifest)
+    if data_dir is not None:
+        return read_dataset_json(data_dir)
+    return read_dataset_json(source.parent) if (source.parent / "dataset.json").is_file() else None
+
+
+class CaseLists(NamedTuple):
+    """A dataset's cases by role (:func:`read_cases`)."""
+
+    train: list[Case]
+    """The labelled training pool: ``imagesTr`` + ``labelsTr``, or manifest rows with a label and split
+    ``train`` or empty."""
+    val: list[Case]
+    """Manifest rows with split ``val`` (always empty for a Decathlon folder)."""
+    test: list[Case]
+    """``imagesTs`` (+ ``labelsTs``), or manifest rows with split ``test``."""
+    unlabelled: list[Case]
+    """Manifest rows with neither split nor label (always empty for a Decathlon folder)."""
+
+
+def read_cases(
+    data_dir: str | Path | None = None, manifest: str | Path | None = None, *, test: bool = True
+) -> CaseLists:
+    """Read a Decathlon / nnU-Net raw folder or a CSV manifest and sort its cases by role.
+
+    Args:
+        data_dir: folder holding ``dataset.json`` (exactly one of ``data_dir`` and ``manifest``).
+        manifest: CSV manifest.
+        test: list the test cases of ``data_dir`` (``imagesTs``); ``False`` leaves ``test`` empty and
+            does not look at ``imagesTs``/``labelsTs``. A manifest is read whole either way.
+
+    Raises:
+        ValueError: both or neither of ``data_dir`` and ``manifest``.
+        DatasetError: see :func:`read_decathlon` and :func:`read_manifest`; no labelled training case.
+    """
+    source = _one_source(data_dir, manifest)
+    if data_dir is not None:
+        train = read_decathlon(data_dir, "train")
+        lists = CaseLists(train, [], read_decathlon(data_dir, "test") if test else [], [])
     else:
-        files = [Path(p) for p in source]
-        if not files:
-            raise DatasetError("find_images: the list of images is empty")
-        for p in files:
-            if not p.is_file():
-                raise DatasetError(f"{p}: image file to predict does not exist")
-            if split_extension(p) is None:
-                raise DatasetError(f"{p}: unsupported file type; expected one of {SUPPORTED_EXTENSIONS}")
-        folder = files[0].parent
-    if per_channel_files is None:
-        stems = [split_extension(p)[0] for p in files]  # type: ignore[index]
-        per_channel_files = all(_CHANNEL_RE.match(s) for s in stems)
-        if per_channel_files:
-            try:
-                _group_channel_files(files, folder, num_channels, None)
-            except DatasetError:
-                per_channel_files = False
-    if per_channel_files:
-        groups = _group_channel_files(files, folder, num_channels, None)
-        cases = [Case(name, paths) for name, paths in groups.items()]
-    else:
-        cases = [Case(_case_name(p), (p,)) for p in files]
-    _check_unique(cases, folder)
-    return sorted(cases, key=lambda c: c.name)
+        rows = read_manifest(source)
+        lists = CaseLists(
+            train=[c for c in rows if c.label_path is not None and c.split in TRAINING_SPLITS],
+            val=[c for c in rows if c.split == "val"],
+            test=[c for c in rows if c.split == "test"],
+            unlabelled=[c for c in rows if c.split is None and c.label_path is None],
+        )
+    if not lists.train:
+        raise DatasetError(f"{source}: no labelled training cases")
+    return lists
+
+
+def _one_source(data_dir: str | Path | None, manifest: str | Path | None) -> Path:
+    if (data_dir is None) == (manifest is None):
+        raise ValueError("give exactly one of data_dir (Decathlon / nnU-Net layout) and manifest (CSV)")
+    return Path(data_dir if data_dir is not None else manifest)  # type: ignore[arg-type]

@@ -35,13 +35,48 @@ import torch
 
 from mambaclinix.utils.atomic import atomic_path
 
-__all__ = ["SUPPORTED_EXTENSIONS", "ImageGeometry", "read_image_geometry", "write_segmentation"]
+__all__ = [
+    "OUTPUT_EXTENSIONS",
+    "SUPPORTED_EXTENSIONS",
+    "ImageGeometry",
+    "output_extension",
+    "read_image_geometry",
+    "write_segmentation",
+]
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 ITK_EXTENSIONS = (".nrrd", ".mha")
-SUPPORTED_EXTENSIONS = NIFTI_EXTENSIONS + ITK_EXTENSIONS
+OUTPUT_EXTENSIONS: tuple[str, ...] = NIFTI_EXTENSIONS + ITK_EXTENSIONS
 """Output formats of :func:`write_segmentation`. Formats with a detached data file (``.nhdr``, ``.mhd``,
-``.hdr``/``.img``) are not offered: two files cannot be replaced atomically together."""
+``.hdr``/``.img``) are not offered: two files cannot be replaced atomically together. (The input
+formats the data pipeline reads are :data:`mambaclinix.data.datasets.INPUT_EXTENSIONS`.)"""
+
+SUPPORTED_EXTENSIONS = OUTPUT_EXTENSIONS
+"""Former name of :data:`OUTPUT_EXTENSIONS`, kept as an alias."""
+
+_OUTPUT_FOR_INPUT = {
+    ".nii.gz": ".nii.gz",
+    ".nii": ".nii",
+    ".nrrd": ".nrrd",
+    ".nhdr": ".nrrd",  # detached header + data file -> the single-file form of the same format
+    ".mha": ".mha",
+    ".mhd": ".mha",
+}
+_DEFAULT_OUTPUT_EXTENSION = ".nii.gz"
+
+
+def output_extension(input_path: str | os.PathLike) -> str:
+    """The extension of a prediction written for the image ``input_path``: the input's own format when
+    :func:`write_segmentation` writes it (:data:`OUTPUT_EXTENSIONS`), the single-file form of a
+    detached-header format (``.nhdr`` → ``.nrrd``, ``.mhd`` → ``.mha``), and ``.nii.gz`` otherwise.
+    The extension is matched case-insensitively and returned in lower case.
+
+    >>> output_extension("case_001_0000.nhdr")
+    '.nrrd'
+    """
+    ext = _extension(Path(input_path), tuple(_OUTPUT_FOR_INPUT))
+    return _DEFAULT_OUTPUT_EXTENSION if ext is None else _OUTPUT_FOR_INPUT[ext]
+
 
 _NIFTI_READ_EXTENSIONS = (".nii.gz", ".nii", ".hdr", ".img", ".hdr.gz", ".img.gz")
 _FLIP_XY = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS

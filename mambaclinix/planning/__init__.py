@@ -3,8 +3,9 @@
 :func:`plan_dataset` (``mambaclinix plan DATA_DIR``) reads a dataset, computes its fingerprint, chooses
 the preprocessing and the network for a memory budget and writes the plan and a ready LightningCLI
 config; see ``docs/planning.md``. The rules (:mod:`mambaclinix.planning.topology`) and the memory model
-(:mod:`mambaclinix.planning.memory`) need only torch and numpy; the planner itself reads images with
-TorchIO and is imported on first access.
+(:mod:`mambaclinix.planning.memory`, its fitted coefficients shipped as package data) need only torch and
+numpy; the planner itself reads images with TorchIO and, like the YAML rendering
+(:mod:`mambaclinix.planning.render`), is imported on first access.
 """
 
 import importlib
@@ -19,11 +20,11 @@ from mambaclinix.planning.topology import (
 )
 
 _LAZY = {
-    "DatasetPlan": "mambaclinix.planning.planner",
+    "DatasetPlan": "mambaclinix.planning.plan",
     "PlanningError": "mambaclinix.planning.planner",
     "choose_patch_and_batch": "mambaclinix.planning.planner",
     "plan_dataset": "mambaclinix.planning.planner",
-    "write_plan": "mambaclinix.planning.planner",
+    "write_plan": "mambaclinix.planning.render",
 }
 
 __all__ = [

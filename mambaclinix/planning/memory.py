@@ -14,23 +14,28 @@ HGCN and Mamba terms, so it is left out; stages without a stage layer count with
 
 The coefficients (bytes per unit) are fitted by non-negative
 least squares on the *relative* error to peak memories measured by ``benchmarks/memory_model.py``, one set
-per device and precision (the CPU's numba scan and the GPU's chunked PyTorch scan keep different
-intermediates; bf16 autocast halves most activations). What "peak" means:
+per device and precision (the CPU's numba scan and the GPU's Triton scan keep different intermediates;
+bf16 autocast halves most activations). The peak fitted is, over two training steps of a fresh model
+(weights, gradients, Adam state and activations):
 
-* ``cuda``: ``torch.cuda.max_memory_allocated`` over two training steps of a fresh model (weights,
-  gradients, Adam state and activations; the CUDA context and the caching allocator's slack are not
-  included, so :func:`predict_peak` callers keep a margin, see ``mambaclinix.planning``);
-* ``cpu``: the increase of the process's peak resident set size (``ru_maxrss``) over two training steps,
-  above a process that has imported torch and mambaclinix and compiled the scan kernel.
+* ``cuda``: ``torch.cuda.max_memory_reserved``, starting from an empty caching allocator: what the
+  allocator took from the GPU, its slack included. The CUDA context and libraries are not included; the
+  planner takes them off the budget first (``reserve_gb``, see :mod:`mambaclinix.planning.planner`).
+* ``cpu``: each point in a fresh process (with ``MALLOC_MMAP_THRESHOLD_=65536``, so that freed tensors
+  return to the OS); after torch and mambaclinix are imported and the scan kernel compiled, the peak
+  resident set size is reset (``/proc/self/clear_refs``) and the peak is ``VmHWM − VmRSS``
+  (``/proc/self/status``) at the end.
 
-The fitted coefficients live in :mod:`mambaclinix.planning._coefficients` (written by
-``python benchmarks/memory_model.py --fit MEASUREMENTS.json ...``; see ``docs/planning.md``).
+The fitted coefficients are package data, ``mambaclinix/planning/memory_coefficients.json`` (written by
+``python benchmarks/memory_model.py --fit MEASUREMENTS.json ... --write``; see ``docs/planning.md``).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping, Sequence
+from importlib import resources
 
 import numpy as np
 
@@ -44,6 +49,8 @@ __all__ = [
 ]
 
 TERMS = ("const", "params", "hgcn", "mamba", "logits")
+COEFFICIENTS_FILE = "memory_coefficients.json"
+"""The fitted coefficients, package data of :mod:`mambaclinix.planning`."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -151,24 +158,21 @@ def load_coefficients(device: str, precision: str) -> dict[str, float]:
     Raises:
         KeyError: no fit at all for the device.
     """
-    from mambaclinix.planning._coefficients import COEFFICIENTS
-
+    fitted = _fitted_coefficients()
     prec = "bf16-mixed" if precision == "16-mixed" else precision
     key = f"{device}/{prec}"
-    if key in COEFFICIENTS:
-        return dict(COEFFICIENTS[key])
+    if key in fitted:
+        return dict(fitted[key])
     fallback = f"{device}/32-true"
-    if fallback in COEFFICIENTS:
-        out = dict(COEFFICIENTS[fallback])
+    if fallback in fitted:
+        out = dict(fitted[fallback])
         out["source"] = f"{out.get('source', '')} (no fit for {key}; using {fallback})"
         return out
-    raise KeyError(f"no memory-model coefficients for {key}; fitted: {sorted(COEFFICIENTS)}")
+    raise KeyError(f"no memory-model coefficients for {key}; fitted: {sorted(fitted)}")
 
 
-def bytes_to_gib(value: float) -> float:
-    return value / 2**30
-
-
-def gib(value: float) -> float:
-    """``value`` GiB in bytes."""
-    return float(value) * 2**30
+@functools.lru_cache(maxsize=1)
+def _fitted_coefficients() -> dict[str, dict]:
+    """``device/precision`` → coefficients, read once from :data:`COEFFICIENTS_FILE`."""
+    text = resources.files("mambaclinix.planning").joinpath(COEFFICIENTS_FILE).read_text(encoding="utf-8")
+    return json.loads(text)["coefficients"]

@@ -7,7 +7,7 @@
    files, label/image shape or affine mismatch, label values outside ``dataset.json``'s classes, mixed
    channel counts, …); the first problem found raises :class:`~mambaclinix.data.datasets.DatasetError`
    naming the case.
-2. **Fingerprint** (:func:`mambaclinix.data.preprocessing.compute_fingerprint` with ``full=True``, the one
+2. **Fingerprint** (:func:`mambaclinix.data.fingerprint.compute_fingerprint` with ``full=True``, the one
    fingerprint the preprocessing also uses): spacings, shapes, shapes after cropping to the non-zero
    region, per-channel foreground intensity statistics, voxels per class; modalities from
    ``dataset.json``.
@@ -25,24 +25,24 @@
    the others (the adaptive stage-wise rule), foreground oversampling 1/3 (nnU-Net).
 
 The usable budget is ``safety · (memory_gb − reserve_gb)`` GiB; the peak is predicted by the fitted memory
-model of :mod:`mambaclinix.planning.memory` for the device and precision.
+model of :mod:`mambaclinix.planning.memory` for the device and precision. :func:`write_plan`
+(:mod:`mambaclinix.planning.render`) writes the plan and the config.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mambaclinix.planning.memory import count_parameters, load_coefficients, memory_terms, predict_peak
+from mambaclinix.planning.plan import DatasetPlan
+from mambaclinix.planning.render import config_text as config_text  # rendering moved; still importable here
+from mambaclinix.planning.render import plan_text as plan_text
+from mambaclinix.planning.render import write_plan
 from mambaclinix.planning.topology import (
     ANISOTROPY_THRESHOLD,
     Topology,
@@ -65,37 +65,6 @@ INITIAL_PATCH_VOXELS = 256**3
 
 class PlanningError(ValueError):
     """No plan satisfies the constraints (e.g. a memory budget too small for the smallest patch)."""
-
-
-@dataclass
-class DatasetPlan:
-    """Everything the planner decided, and the fingerprint summary it decided from.
-
-    The attributes are plain Python values (the plan file is :func:`dataclasses.asdict` of this).
-    """
-
-    source: dict[str, str]
-    dataset: dict[str, Any]
-    fingerprint: dict[str, Any]
-    target_spacing: list[float]
-    anisotropic_axis: int | None
-    normalization: list[str]
-    median_shape: list[int]
-    patch_size: list[int]
-    batch_size: int
-    network: dict[str, Any]
-    foreground_probability: float
-    memory: dict[str, Any]
-    training: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def net_kwargs(self) -> dict[str, Any]:
-        """Arguments of :class:`~mambaclinix.models.MambaClinixUNet` (without the channel counts)."""
-        keys = ("n_stages", "features_per_stage", "kernel_sizes", "strides", "n_hgcn_stages")
-        return {k: self.network[k] for k in keys}
 
 
 # ------------------------------------------------------------------------------------------ patch search
@@ -236,19 +205,6 @@ def _usable(topo: Topology) -> bool:
 # --------------------------------------------------------------------------------------------- planning
 
 
-def _read_cases(data_dir: str | Path | None, manifest: str | Path | None):
-    from mambaclinix.data.datasets import read_dataset_json, read_decathlon, read_manifest
-
-    if (data_dir is None) == (manifest is None):
-        raise ValueError("give exactly one of data_dir (Decathlon / nnU-Net layout) and manifest (CSV)")
-    if data_dir is not None:
-        return read_decathlon(data_dir, "train"), read_dataset_json(data_dir)
-    rows = read_manifest(manifest)  # type: ignore[arg-type]
-    cases = [c for c in rows if c.label_path is not None and c.split in (None, "train")]
-    beside = Path(manifest).parent / "dataset.json"  # type: ignore[arg-type]
-    return cases, read_dataset_json(beside.parent) if beside.is_file() else None
-
-
 def plan_dataset(
     data_dir: str | Path | None = None,
     *,
@@ -288,7 +244,7 @@ def plan_dataset(
         base_features: channels of stage 0; stage ``s`` has ``min(base_features · 2**s, max_features)``
             (paper: 32).
         max_features: the most channels of a stage (paper: 320).
-        max_stages: most U-Net stages (spec: typically 5–7); ``None``: as the patch allows.
+        max_stages: most U-Net stages (the paper's network has 6); ``None``: as the patch allows.
         min_batch_size: smallest batch (nnU-Net: 2).
         max_dataset_fraction: the batch covers at most this fraction of the dataset's voxels (nnU-Net: 5%).
         min_feature_map_size: smallest edge a feature map is downsampled to (nnU-Net: 4).
@@ -303,7 +259,9 @@ def plan_dataset(
         DatasetError: a bad dataset (the message names the case and file).
         PlanningError: no patch fits the budget.
     """
-    from mambaclinix.data.preprocessing import compute_fingerprint, resolve_normalization
+    from mambaclinix.data.datasets import read_cases, read_dataset_info
+    from mambaclinix.data.fingerprint import compute_fingerprint
+    from mambaclinix.data.normalization import resolve_normalization
 
     if accelerator not in ACCELERATORS:
         raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
@@ -317,12 +275,11 @@ def plan_dataset(
     if accelerator == "cpu" and precision != "32-true":
         raise ValueError(f"on cpu the planner models precision '32-true' only, got {precision!r}")
 
-    cases, info = _read_cases(data_dir, manifest)
+    cases = read_cases(data_dir, manifest, test=False).train  # the labelled training pool
+    info = read_dataset_info(data_dir, manifest)
     source = {"data_dir": str(Path(data_dir).resolve())} if data_dir is not None else {
         "manifest": str(Path(manifest).resolve())  # type: ignore[arg-type]
     }  # fmt: skip
-    if not cases:
-        raise ValueError(f"{data_dir or manifest}: no labelled training cases")
     if validate:
         from mambaclinix.data.validation import validate_cases
 
@@ -453,145 +410,3 @@ def plan_dataset(
         plan.target_spacing, plan.patch_size, plan.batch_size, n, predicted / 2**30, usable / 2**30,
     )  # fmt: skip
     return plan
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def _flow(value: Any) -> str:
-    import yaml
-
-    text = yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip()
-    return text[:-4].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
-
-
-def _section(name: str, items: list[tuple[str, Any, str]], indent: int = 2) -> list[str]:
-    lines = [f"{name}:"]
-    pad = " " * indent
-    for key, value, comment in items:
-        if isinstance(value, dict):
-            lines.append(f"{pad}{key}:" + (f"  # {comment}" if comment else ""))
-            for k, v in value.items():
-                lines.append(f"{pad}  {k}: {_flow(v)}")
-            continue
-        text = f"{pad}{key}: {_flow(value)}"
-        lines.append(text + (f"  # {comment}" if comment else ""))
-    return lines
-
-
-def config_text(plan: DatasetPlan, plan_path: str | Path | None = None) -> str:
-    """The LightningCLI YAML (``mambaclinix fit -c``) of a plan, commented."""
-    from mambaclinix import __version__
-    from mambaclinix.data.preprocessing import resolve_normalization
-
-    mem, tr, net = plan.memory, plan.training, plan.network
-    src_key, src = next(iter(plan.source.items()))
-    k = [tuple(v) for v in net["kernel_sizes"]]
-    aniso = sum(1 for v in k if 1 in v)
-    header = [
-        f"# MambaClinix training configuration for '{plan.dataset['name']}', planned by `mambaclinix plan`",
-        f"# (mambaclinix {__version__}, {datetime.date.today().isoformat()})."
-        + (f" Plan and fingerprint: {plan_path}" if plan_path else ""),
-        "#   mambaclinix fit -c THIS_FILE",
-        "# Every value can be overridden on the command line, e.g. --data.batch_size=1",
-        "# --trainer.max_epochs=50, or --model.net_kwargs='{n_stages: 5, ...}' (replaces the whole dict).",
-        f"# Memory: predicted peak {mem['predicted_peak_gib']} GiB of {mem['usable_gib']} GiB usable "
-        f"({mem['budget_gib']} GiB {mem['accelerator']} budget, {mem['precision']}).",
-        "",
-        "seed_everything: 0",
-    ]
-    trainer = _section(
-        "trainer",
-        [
-            ("accelerator", mem["accelerator"], ""),
-            ("devices", 1, "several GPUs: --trainer.devices=N --trainer.strategy=ddp"),
-            ("precision", mem["precision"], "the memory model was fitted for this precision"),
-            ("max_epochs", tr["max_epochs"], ""),
-            ("check_val_every_n_epoch", tr["check_val_every_n_epoch"], ""),
-            ("gradient_clip_val", 12.0, "nnU-Net"),
-        ],
-    )
-    model = _section(
-        "model",
-        [
-            ("net", "mambaclinix_paper", "registry preset; net_kwargs replace its topology"),
-            (
-                "net_kwargs",
-                {
-                    "n_stages": net["n_stages"],
-                    "features_per_stage": net["features_per_stage"],
-                    "kernel_sizes": net["kernel_sizes"],
-                    "strides": net["strides"],
-                    "n_hgcn_stages": net["n_hgcn_stages"],
-                },
-                f"{net['n_stages']} stages, HGCN at s < {net['n_hgcn_stages']}, Mamba after; "
-                f"{aniso} stage(s) with a size-1 kernel axis; {net['parameters']:,} parameters",
-            ),
-            ("lr", 1e-4 if mem["accelerator"] == "gpu" else 1e-3, ""),
-            ("channels_last", tr["channels_last"], ""),
-        ],
-    )
-    auto = list(resolve_normalization("auto", plan.dataset["channel_names"]))
-    norm = "auto" if plan.normalization == auto else plan.normalization[0]  # one scheme for all channels
-    data = _section(
-        "data",
-        [
-            (src_key, src, ""),
-            ("patch_size", plan.patch_size, f"a multiple of the size divisor {net['size_divisor']}"),
-            ("batch_size", plan.batch_size, f"predicted peak {mem['predicted_peak_gib']} GiB"),
-            ("target_spacing", [round(v, 6) for v in plan.target_spacing],
-             "mm per array axis" + ("" if plan.anisotropic_axis is None
-                                    else f"; axis {plan.anisotropic_axis} anisotropic: 10th percentile")),
-            ("normalization", norm, "per channel: " + ", ".join(plan.normalization)),
-            ("foreground_probability", round(plan.foreground_probability, 6), "foreground oversampling"),
-            ("iterations_per_epoch", tr["iterations_per_epoch"], ""),
-        ],
-    )  # fmt: skip
-    return "\n".join(header + trainer + model + data) + "\n"
-
-
-def plan_text(plan: DatasetPlan) -> str:
-    """The plan file: the decisions and the fingerprint summary, as commented YAML."""
-    import yaml
-
-    class Dumper(yaml.SafeDumper):
-        """Lists of numbers or strings on one line, mappings as blocks."""
-
-    def lists(dumper, value):
-        flow = not any(isinstance(v, dict) for v in value)
-        return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow)
-
-    Dumper.add_representer(list, lists)
-    body = yaml.dump(plan.to_dict(), Dumper=Dumper, sort_keys=False, default_flow_style=False, width=110)
-    header = (
-        "# Dataset plan written by `mambaclinix plan` (docs/planning.md explains every entry).\n"
-        "# Axes are those of the arrays (TorchIO's order, as data.patch_size and data.target_spacing).\n"
-        "# fingerprint: what was measured; target_spacing .. foreground_probability: what was decided;\n"
-        "# memory: the budget and the memory model's prediction for patch_size x batch_size.\n"
-    )
-    return header + body
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_plan(plan: DatasetPlan, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``plan.yaml`` and ``config.yaml`` (the LightningCLI config) into ``out_dir``, atomically.
-
-    Returns:
-        ``(plan_path, config_path)``.
-    """
-    out = Path(out_dir)
-    plan_path, config_path = out / "plan.yaml", out / "config.yaml"
-    _write_atomic(plan_path, plan_text(plan))
-    _write_atomic(config_path, config_text(plan, plan_path.resolve()))
-    return plan_path, config_path

@@ -169,7 +169,7 @@ def plan_topology(
 
 
 def features_per_stage(n_stages: int, base: int = 32, maximum: int = 320) -> tuple[int, ...]:
-    """Channels per stage, ``min(base · 2**s, maximum)`` (spec §1: 32, 64, 128, 256, 320, 320)."""
+    """Channels per stage, ``min(base · 2**s, maximum)`` (the paper's network: 32, 64, 128, 256, 320, 320)."""
     return tuple(min(base * 2**s, maximum) for s in range(n_stages))
 
 

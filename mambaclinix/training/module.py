@@ -295,8 +295,7 @@ class SegmentationModule(L.LightningModule):
         self.test_summary = {"cases": rows, "mean": means}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
-        from mambaclinix.data.preprocessing import invert_to_original
-        from mambaclinix.inference import write_segmentation
+        from mambaclinix.inference import invert_to_original, output_extension, write_segmentation
 
         out_dir = self._predictions_dir or self._output_dir() / "predictions"
         if _is_padding(batch):
@@ -307,7 +306,7 @@ class SegmentationModule(L.LightningModule):
             full = invert_to_original(probs[i].cpu(), meta)
             labels = full.argmax(0).to(torch.uint8 if self.hparams.num_classes < 256 else torch.int16)
             ref = Path(meta["image_paths"][0])
-            path = out_dir / f"{batch['name'][i]}{_extension(ref)}"
+            path = out_dir / f"{batch['name'][i]}{output_extension(ref)}"
             write_segmentation(labels, ref, path)
             written.append(str(path))
         return written
@@ -336,14 +335,6 @@ def _is_padding(batch: dict) -> bool:
     if any(flags) and not all(flags):
         raise ValueError("evaluation batches must not mix padding and real cases (use batch_size=1)")
     return bool(flags[0])
-
-
-def _extension(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.endswith(ext):
-            return ".nrrd" if ext == ".nhdr" else ".mha" if ext == ".mhd" else ext
-    return ".nii.gz"
 
 
 def _gather_objects(items: list) -> list:
