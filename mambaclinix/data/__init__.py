@@ -1,12 +1,6 @@
-"""Data: the TorchIO data pipeline (nnU-Net's preprocessing, sampling and augmentation) and the embedded
-demo dataset.
+"""Data: the TorchIO data pipeline (nnU-Net's preprocessing, sampling and augmentation; ``docs/data.md``).
 
-:func:`build_demo_dataset` writes a brain-MRI tissue-segmentation dataset (CSF / GM / WM) in the Medical
-Segmentation Decathlon / nnU-Net v2 raw layout from the MNI ICBM152 2009a template shipped inside
-``nilearn`` (``pip install "mambaclinix[demo]"``); :func:`kmeans_tissue_baseline` is the intensity-only
-baseline a trained network must beat. See :mod:`mambaclinix.data.demo` and ``docs/demo_data.md``.
-
-The TorchIO data pipeline (``docs/data.md``): :class:`SegmentationDataModule` (Lightning); the dataset
+:class:`SegmentationDataModule` (Lightning); the dataset
 readers of :mod:`mambaclinix.data.datasets` and :mod:`mambaclinix.data.cases` (:func:`read_decathlon`,
 :func:`read_manifest`, :func:`read_cases`, :func:`find_images`, :class:`Case`); the preprocessing of
 :mod:`mambaclinix.data.preprocessing` (:class:`PreprocessingPlan`, :func:`make_plan`,
@@ -16,9 +10,10 @@ and its on-disk cache (:mod:`mambaclinix.data.cache`); :func:`invert_to_original
 :mod:`mambaclinix.data.sampling`, the augmentations of :mod:`mambaclinix.data.augmentation` and the
 loaders of :mod:`mambaclinix.data.loaders`.
 
-Importing this package imports neither TorchIO nor nilearn: they are imported inside the functions
-that use them, and the pipeline's names below are loaded on first access (``from mambaclinix.data
-import SegmentationDataModule`` imports TorchIO and Lightning at that moment).
+The demo dataset (MNI152 brain tissues) and its k-means baseline live in :mod:`mambaclinix.demo`, which
+builds on this package. Importing this package imports no TorchIO: the pipeline's names below are
+loaded on first access (``from mambaclinix.data import SegmentationDataModule`` imports TorchIO and
+Lightning at that moment).
 """
 
 import importlib
