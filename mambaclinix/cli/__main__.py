@@ -1,0 +1,5 @@
+"""``python -m mambaclinix.cli``: the same as the ``mambaclinix`` command."""
+
+from mambaclinix.cli import main
+
+main()
