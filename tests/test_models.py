@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import mambaclinix.models.encoder as encoder_module
 from mambaclinix import MambaClinixDecoder, MambaClinixEncoder, MambaClinixUNet, create_model, list_models
-from mambaclinix.layers import HGCNBlock, LayerNormChannels, MambaLayer
+from mambaclinix.layers import BasicBlockD, HGCNBlock, LayerNormChannels, MambaLayer
 from mambaclinix.layers.drop import DropPath
 
 PRESETS = ("mambaclinix_paper", "mambaclinix_5stage", "mambaclinix_7stage", "mambaclinix_small")
@@ -524,3 +524,24 @@ def test_former_norm_eps_and_negative_slope_arguments_still_work():
 def test_invalid_norm_and_act(kwargs, match):
     with pytest.raises(ValueError, match=match):
         create_model("mambaclinix_tiny", **kwargs)
+
+
+def test_layers_replaced_through_the_unet_are_replaced_in_its_parts():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = create_model("mambaclinix_tiny", drop_path_rate=0.0)
+    x = torch.randn(1, 1, 16, 16, 8)
+    ref = model(x)
+    # wraps every BasicBlockD in place of the original, the bottleneck (a direct child) included
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, BasicBlockD))
+    assert model.decoder.bottleneck is model.bottleneck and type(model.bottleneck) is not BasicBlockD
+    calls = []
+    model.bottleneck.register_forward_hook(lambda *_: calls.append(1))
+    out = model(x)
+    assert calls == [1]
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    sum(o.square().mean() for o in out).backward()
+    assert model.stem.conv.weight.grad is not None
+    model.stem = nn.Identity()  # a replacement by hand too
+    assert model.encoder.stem is model.stem

@@ -31,8 +31,11 @@ __all__ = [
 ]
 
 # The layers of each part, in the order the U-Net registers them (the order of its state dict).
-_ENCODER_LAYERS = ("stem", "encoder_blocks", "stage_layers", "junction_norm")
-_DECODER_LAYERS = ("bottleneck", "skip_blocks", "up_convs", "decoder_blocks", "heads")
+_PART_LAYERS = {
+    "encoder": ("stem", "encoder_blocks", "stage_layers", "junction_norm"),
+    "decoder": ("bottleneck", "skip_blocks", "up_convs", "decoder_blocks", "heads"),
+}
+_PART_OF_LAYER = {name: part for part, names in _PART_LAYERS.items() for name in names}
 # Configuration the U-Net reports from its encoder.
 _ENCODER_ATTRS = (
     "in_channels",
@@ -85,16 +88,18 @@ class MambaClinixUNet(nn.Module):
     so ``heads[t]`` produces ``output[t]``.
 
     How the parts are held: the U-Net registers the layers of both parts under its own names (``stem``,
-    ``encoder_blocks``, ..., ``heads``), so its parameter names, state-dict keys and their order are those
-    of the U-Net before it was split into parts, and equal to the parts' own keys: checkpoints move
-    between the U-Net and a stand-alone encoder or decoder without renaming. ``model.encoder`` and
-    ``model.decoder`` are the part modules themselves, sharing those layers, but they are not registered
-    as children (that would give every parameter a second name in ``state_dict``). So ``.to()``,
-    ``.half()``, ``apply``, ``deepcopy``, pickling, DDP and ``torch.compile`` see each parameter exactly
-    once, ``train()``/``eval()`` also set the parts' flags, and ``forward`` calls the two parts, so hooks
-    registered on them fire. The other designs either rename every key (``encoder.stem.*`` as in
-    dynamic-network-architectures, breaking existing checkpoints) or need state-dict hooks to rename
-    them back, which leaves ``named_parameters`` and ``state_dict`` disagreeing.
+    ``encoder_blocks``, ..., ``heads``), so its parameter names and state-dict keys are the flat ones its
+    checkpoints have always had, and equal to the parts' own keys: checkpoints move between the U-Net and
+    a stand-alone encoder or decoder without renaming. ``model.encoder`` and ``model.decoder`` are the
+    part modules themselves, sharing those layers, but they are not registered as children (that would
+    give every parameter a second name in ``state_dict``). So ``.to()``, ``.half()``, ``apply``,
+    ``deepcopy``, pickling, DDP and ``torch.compile`` see each parameter exactly once, ``train()`` and
+    ``eval()`` also set the parts' flags, and ``forward`` calls the two parts, so hooks registered on them
+    fire. A layer replaced through the U-Net (``model.bottleneck = wrapped``, as activation-checkpointing
+    and FSDP wrappers do) is replaced in its part too. The alternatives either rename every key
+    (``encoder.stem.*``, as dynamic-network-architectures' ``PlainConvUNet`` has them), which breaks
+    existing checkpoints, or rename them back with state-dict hooks, which leaves ``named_parameters`` and
+    ``state_dict`` disagreeing.
 
     Output convention: logits (no softmax). With ``deep_supervision`` a list of ``n_stages - 1`` tensors,
     finest first: ``output[t]`` has shape ``(B, out_channels, *(S // output_scales[t]))``; without it the
@@ -221,12 +226,12 @@ class MambaClinixUNet(nn.Module):
             act=act,
             init_weights=False,
         )
-        for part, names in ((encoder, _ENCODER_LAYERS), (decoder, _DECODER_LAYERS)):
+        parts = {"encoder": encoder, "decoder": decoder}
+        for part, names in _PART_LAYERS.items():
             for name in names:
-                setattr(self, name, getattr(part, name))
-        # The parts themselves, outside ``_modules`` (see the class docstring).
-        object.__setattr__(self, "encoder", encoder)
-        object.__setattr__(self, "decoder", decoder)
+                setattr(self, name, getattr(parts[part], name))
+        for part, module in parts.items():  # the parts themselves, outside _modules (see the docstring)
+            object.__setattr__(self, part, module)
         for name in _ENCODER_ATTRS:
             setattr(self, name, getattr(encoder, name))
         self.out_channels = out_channels
@@ -242,6 +247,12 @@ class MambaClinixUNet(nn.Module):
     @deep_supervision.setter
     def deep_supervision(self, value: bool) -> None:
         self.decoder.deep_supervision = value
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        part = _PART_OF_LAYER.get(name)
+        if part is not None and part in self.__dict__:  # a layer replaced after construction
+            setattr(self.__dict__[part], name, value)
 
     def train(self, mode: bool = True) -> MambaClinixUNet:
         super().train(mode)
