@@ -24,12 +24,13 @@ def per_stage(value, n_stages: int, name: str, default) -> list:
 
 
 def check_positive_int(name: str, value) -> int:
+    """``value`` if it is an int >= 1, else ``ValueError`` naming the argument ``name``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
-def stage_features(features_per_stage, n_stages) -> tuple[int, ...]:
+def stage_features(features_per_stage: Sequence[int] | None, n_stages: int) -> tuple[int, ...]:
     """Channels per stage; default ``min(32 * 2**s, 320)``."""
     if not isinstance(n_stages, int) or isinstance(n_stages, bool) or n_stages < 2:
         raise ValueError(f"n_stages must be an int >= 2, got {n_stages!r}")

@@ -188,8 +188,8 @@ class MambaClinixUNet(nn.Module):
         super().__init__()
         check_positive_int("out_channels", out_channels)
         norm, act = _legacy_norm_act(norm, act, norm_eps, negative_slope)
-        # Both parts are built before any weight is initialised, and then initialised together in the
-        # order of the layers, so a seeded U-Net draws the same weights as it did as a single module.
+        # Both parts are built first and then initialised together in the order of the layers, so that a
+        # seeded U-Net gets the same weights as in earlier versions (tests/test_model_state_compat.py).
         encoder = MambaClinixEncoder(
             in_channels,
             n_stages=n_stages,
