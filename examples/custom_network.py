@@ -1,13 +1,19 @@
-"""Build your own 3D segmentation network from mambaclinix's layers and train it for a few steps.
+"""Build your own 3D networks from mambaclinix's layers and parts, and train one for a few steps.
 
     python examples/custom_network.py                          # 3-level U-Net, 32^3 synthetic volumes
     python examples/custom_network.py --steps 100 --size 48 --width 16
+    python examples/custom_network.py --network backbone       # a plain conv encoder + MambaClinixDecoder
 
-The network is a small U-Net that follows MambaClinix's stage-wise rule at a smaller scale: the
-shallow level uses an HGCN block (hierarchical gated convolution), the deeper two use residual Mamba
-layers, every encoder level starts with a ResNet-D basic block, and the decoder concatenates
-upsampled features with the skips. It is trained with the paper's loss (CE + soft Dice + 0.8 L_TRS) on
-synthetic volumes (a bright ball in noise) and prints the loss and the foreground Dice before and after.
+``--network hybrid`` (default) is a small U-Net written from the layers that follows MambaClinix's
+stage-wise rule at a smaller scale: the shallow level uses an HGCN block (hierarchical gated
+convolution), the deeper two use residual Mamba layers, every encoder level starts with a ResNet-D basic
+block, and the decoder concatenates upsampled features with the skips. ``--network backbone`` puts
+MambaClinix's decoder (:class:`~mambaclinix.models.MambaClinixDecoder`) over another backbone's features.
+Either is trained with the paper's loss (CE + soft Dice + 0.8 L_TRS) on synthetic volumes (a bright ball
+in noise); the script prints the loss and the foreground Dice before and after.
+
+``EncoderClassifier`` shows the other direction: MambaClinix's encoder alone
+(:class:`~mambaclinix.models.MambaClinixEncoder`) as the backbone of a volume classifier.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 from mambaclinix.layers import BasicBlockD, ConvNormAct, DecoderResBlock, HGCNBlock, MambaLayer, UpsampleConv
 from mambaclinix.losses import DiceCETverskyLoss
 from mambaclinix.metrics import per_class_dice
+from mambaclinix.models import MambaClinixDecoder, MambaClinixEncoder
 
 
 class TinyHybridUNet(nn.Module):
@@ -62,6 +69,76 @@ class TinyHybridUNet(nn.Module):
         return self.head(x)
 
 
+class ConvBackbone(nn.Module):
+    """A plain encoder standing for any backbone: per level a (strided) conv, InstanceNorm and GELU.
+
+    Shapes:
+        ``(B, in_channels, *S) -> [(B, widths[0], *S), (B, widths[1], *S/2), (B, widths[2], *S/4)]``.
+    """
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (8, 16, 32)):
+        super().__init__()
+        self.stages = nn.ModuleList()
+        for s, c in enumerate(widths):
+            conv = nn.Conv3d(
+                in_channels if s == 0 else widths[s - 1], c, 3, stride=1 if s == 0 else 2, padding=1
+            )
+            self.stages.append(nn.Sequential(conv, nn.InstanceNorm3d(c, affine=True), nn.GELU()))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class BackboneUNet(nn.Module):
+    """Another backbone's features decoded by MambaClinix's decoder (with GELU, like the backbone).
+
+    Shapes:
+        ``(B, in_channels, D, H, W) -> (B, num_classes, D, H, W)``, every axis divisible by 4.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 8):
+        super().__init__()
+        widths = (width, 2 * width, 4 * width)
+        self.backbone = ConvBackbone(in_channels, widths)
+        # strides: the backbone's downsampling per level (the first is not undone)
+        self.decoder = MambaClinixDecoder(
+            widths, num_classes, strides=(1, 2, 2), act="gelu", deep_supervision=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.backbone(x))
+
+
+class EncoderClassifier(nn.Module):
+    """MambaClinix's encoder alone (HGCN at levels 0-1, Mamba at level 2) with a classification head: the
+    deepest feature map, averaged over space, through a linear layer.
+
+    Shapes:
+        ``(B, in_channels, D, H, W) -> (B, num_classes)``, every axis divisible by 4.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 8, scan_backend=None):
+        super().__init__()
+        self.encoder = MambaClinixEncoder(
+            in_channels,
+            n_stages=3,
+            features_per_stage=(width, 2 * width, 4 * width),
+            scan_backend=scan_backend,
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        deepest = self.encoder(x)[-1]  # (B, 4 * width, D/4, H/4, W/4)
+        return self.head(deepest.mean(dim=tuple(range(2, deepest.dim()))))
+
+
+NETWORKS = {"hybrid": TinyHybridUNet, "backbone": BackboneUNet}
+
+
 def synthetic_batch(batch: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``(B, 1, S, S, S)`` with one bright ball each in Gaussian noise, and labels ``(B, S, S, S)``."""
     axis = torch.arange(size, dtype=torch.float32)
@@ -90,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--network", choices=sorted(NETWORKS), default="hybrid")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=32, help="cube edge, divisible by 4")
     parser.add_argument("--width", type=int, default=8)
@@ -100,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model = TinyHybridUNet(width=args.width)
+    model = NETWORKS[args.network](width=args.width)
     # The region grid must not be finer than the patch: 4 cells per axis on a 32^3 patch.
     loss_fn = DiceCETverskyLoss(num_regions=(4, 4, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

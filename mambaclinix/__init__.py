@@ -8,8 +8,21 @@ Reference: Bian et al., "MambaClinix: Hierarchical Gated Convolution and Mamba-B
 Enhanced 3D Medical Image Segmentation", arXiv:2409.12533.
 """
 
-from mambaclinix.models import MambaClinixUNet, create_model, list_models
+from mambaclinix.models import (
+    MambaClinixDecoder,
+    MambaClinixEncoder,
+    MambaClinixUNet,
+    create_model,
+    list_models,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["MambaClinixUNet", "create_model", "list_models", "__version__"]
+__all__ = [
+    "MambaClinixDecoder",
+    "MambaClinixEncoder",
+    "MambaClinixUNet",
+    "create_model",
+    "list_models",
+    "__version__",
+]

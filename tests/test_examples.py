@@ -47,6 +47,33 @@ def test_custom_network_learns_the_synthetic_task(capsys):
     assert "foreground Dice on held-out volumes" in capsys.readouterr().out
 
 
+def test_custom_network_decoder_over_another_backbone_learns(capsys):
+    module = _load("custom_network.py")
+    with torch.random.fork_rng(devices=[]):
+        result = module.main(["--network", "backbone", *SCRIPTS["custom_network.py"]])
+    assert result["last_loss"] < result["first_loss"] - 0.3, result
+    assert result["dice_after"] > result["dice_before"] + 0.2, result
+    assert "foreground Dice on held-out volumes" in capsys.readouterr().out
+
+
+def test_custom_network_parts_shapes_and_gradients():
+    module = _load("custom_network.py")
+    x = torch.randn(2, 2, 8, 12, 16)
+    seg = module.BackboneUNet(in_channels=2, num_classes=3, width=4)
+    assert [tuple(f.shape) for f in seg.backbone(x)] == [(2, 4, 8, 12, 16), (2, 8, 4, 6, 8), (2, 16, 2, 3, 4)]
+    assert seg(x).shape == (2, 3, 8, 12, 16)
+    clf = module.EncoderClassifier(in_channels=2, num_classes=5, width=4)
+    assert clf.encoder.stage_layer_types == ("hgcn", "hgcn", "mamba")
+    assert clf(x).shape == (2, 5)
+    for net in (seg, clf):
+        net(x).square().mean().backward()
+    # without deep supervision the decoder's coarser heads (kept for the parameter layout) are not used
+    unused = {f"decoder.heads.1.{name}" for name in ("weight", "bias")}
+    for name, p in [*seg.named_parameters(), *clf.named_parameters()]:
+        assert (p.grad is None) == (name in unused), name
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
 def test_custom_network_shapes_and_gradients():
     module = _load("custom_network.py")
     net = module.TinyHybridUNet(in_channels=2, num_classes=3, width=4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -17,6 +19,8 @@ from mambaclinix.layers import (
     HgConv,
     LayerNormChannels,
     UpsampleConv,
+    get_act_layer,
+    get_norm_layer,
     hgconv_widths,
 )
 
@@ -245,3 +249,130 @@ def test_blocks_2d():
         BasicBlockD(4, 4, spatial_dims=1)
     with pytest.raises(ValueError, match="stride"):
         BasicBlockD(4, 4, stride=(1, 2))
+
+
+# ---------------------------------------------------------------- norm and activation factories
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "dims", "expected_type", "attrs"),
+    [
+        ("instance", {}, 3, nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}),
+        ("InstanceNorm", {"eps": 1e-3}, 2, nn.InstanceNorm2d, {"eps": 1e-3, "affine": True}),
+        ("batch", {}, 3, nn.BatchNorm3d, {"eps": 1e-5, "affine": True, "track_running_stats": True}),
+        ("batch_norm", {"momentum": 0.3}, 2, nn.BatchNorm2d, {"momentum": 0.3}),
+        ("group", {"num_groups": 3}, 3, nn.GroupNorm, {"num_groups": 3, "num_channels": 6}),
+        ("layer", {}, 3, LayerNormChannels, {"eps": 1e-6, "num_channels": 6}),
+        ("channel_layernorm", {"eps": 1e-5}, 2, LayerNormChannels, {"eps": 1e-5}),
+        (nn.InstanceNorm3d, {}, 3, nn.InstanceNorm3d, {"affine": False}),  # a class: PyTorch's defaults
+        (nn.GroupNorm, {"num_groups": 2}, 3, nn.GroupNorm, {"num_groups": 2, "num_channels": 6}),
+        (functools.partial(nn.GroupNorm, 3), {}, 2, nn.GroupNorm, {"num_groups": 3, "num_channels": 6}),
+        (functools.partial(nn.BatchNorm3d, eps=0.1), {"momentum": 0.5}, 3, nn.BatchNorm3d, {"eps": 0.1}),
+        (("group", {"num_groups": 2, "eps": 0.1}), {}, 3, nn.GroupNorm, {"num_groups": 2, "eps": 0.1}),
+        (["instance", {"affine": False}], {}, 3, nn.InstanceNorm3d, {"affine": False, "eps": 1e-5}),
+        (lambda c: nn.GroupNorm(1, c), {}, 3, nn.GroupNorm, {"num_groups": 1}),
+        ("torch.nn.BatchNorm3d", {}, 3, nn.BatchNorm3d, {"affine": True}),  # a YAML class path
+        (["torch.nn.GroupNorm", {"num_groups": 3}], {}, 2, nn.GroupNorm, {"num_groups": 3}),
+    ],
+)
+def test_get_norm_layer_names_classes_and_partials(spec, kwargs, dims, expected_type, attrs):
+    factory = get_norm_layer(spec, spatial_dims=dims, **kwargs)
+    norm = factory(6)
+    assert type(norm) is expected_type
+    assert factory(6) is not norm  # a new module per layer
+    for name, value in attrs.items():
+        assert getattr(norm, name) == value, name
+    x = torch.randn(2, 6, *(3,) * dims)
+    assert norm(x).shape == x.shape
+
+
+def test_get_norm_layer_group_norm_matches_functional():
+    norm = _randomise(get_norm_layer("group", num_groups=2)(4))
+    x = torch.randn(2, 4, 3, 4, 5)
+    torch.testing.assert_close(norm(x), F.group_norm(x, 2, norm.weight, norm.bias, 1e-5))
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "expected_type", "attrs"),
+    [
+        ("leakyrelu", {}, nn.LeakyReLU, {"negative_slope": 0.01, "inplace": True}),
+        ("Leaky_ReLU", {"negative_slope": 0.2}, nn.LeakyReLU, {"negative_slope": 0.2}),
+        ("relu", {}, nn.ReLU, {"inplace": True}),
+        ("gelu", {"approximate": "tanh"}, nn.GELU, {"approximate": "tanh"}),
+        ("prelu", {}, nn.PReLU, {"init": 0.25}),
+        ("swish", {}, nn.SiLU, {}),
+        ("elu", {"alpha": 0.5}, nn.ELU, {"alpha": 0.5}),
+        ("mish", {}, nn.Mish, {}),
+        ("none", {}, nn.Identity, {}),
+        (nn.GELU, {}, nn.GELU, {"approximate": "none"}),
+        (functools.partial(nn.LeakyReLU, 0.3), {}, nn.LeakyReLU, {"negative_slope": 0.3, "inplace": False}),
+        (("leakyrelu", {"negative_slope": 0.1}), {"inplace": False}, nn.LeakyReLU, {"negative_slope": 0.1}),
+        ("torch.nn.Hardswish", {}, nn.Hardswish, {}),
+    ],
+)
+def test_get_act_layer_names_classes_and_partials(spec, kwargs, expected_type, attrs):
+    factory = get_act_layer(spec, **kwargs)
+    act = factory()
+    assert type(act) is expected_type and factory() is not act
+    for name, value in attrs.items():
+        assert getattr(act, name) == value, name
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda: get_norm_layer("batchnrom"),
+            r"unknown norm 'batchnrom'; valid names: instance, batch, group, layer",
+        ),
+        (lambda: get_norm_layer("group"), "needs num_groups"),
+        (lambda: get_norm_layer(nn.GroupNorm), "needs num_groups"),
+        (lambda: get_norm_layer(nn.BatchNorm2d), "BatchNorm2d is for 2 spatial axes, but spatial_dims=3"),
+        (lambda: get_norm_layer("instance", spatial_dims=1), "spatial_dims must be 2 or 3"),
+        (lambda: get_norm_layer(nn.InstanceNorm3d(4)), "not the module instance"),
+        (lambda: get_norm_layer("batch", epsilon=1e-3), "norm: .*unexpected keyword argument 'epsilon'"),
+        (lambda: get_norm_layer(("batch",)), r"\(name or class, kwargs dict\)"),
+        (lambda: get_norm_layer(nn.Linear(2, 2)), "not the module instance"),
+        (lambda: get_norm_layer(dict), "must be an nn.Module class"),
+        (lambda: get_norm_layer(None), "must be a name, an nn.Module class or a callable"),
+        (
+            lambda: get_act_layer("relu6"),
+            r"unknown act 'relu6'; valid names: leakyrelu, relu, prelu, elu, gelu",
+        ),
+        (
+            lambda: get_act_layer("relu", negative_slope=0.1),
+            "act: .*unexpected keyword argument 'negative_slope'",
+        ),
+        (lambda: get_act_layer(nn.ReLU()), "not the module instance"),
+        (lambda: get_act_layer(str), "must be an nn.Module class"),
+        (lambda: get_act_layer("torch.nn.NoSuchAct"), "'torch.nn.NoSuchAct' is not an importable name"),
+    ],
+)
+def test_factories_reject_bad_choices(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_factories_former_numeric_signatures_still_work():
+    with pytest.warns(DeprecationWarning, match="get_norm_layer"):
+        norm = get_norm_layer(2, eps=1e-3)(4)
+    assert type(norm) is nn.InstanceNorm2d and norm.eps == 1e-3 and norm.affine
+    with pytest.warns(DeprecationWarning, match="get_act_layer"):
+        act = get_act_layer(0.2)()
+    assert type(act) is nn.LeakyReLU and act.negative_slope == 0.2 and act.inplace
+
+
+def test_blocks_take_norm_and_act_by_name_and_match_hand_computation():
+    blk = _randomise(BasicBlockD(3, 4, stride=2, norm_layer=("group", {"num_groups": 2}), act_layer="gelu"))
+    assert isinstance(blk.shortcut[2], nn.GroupNorm) and isinstance(blk.act, nn.GELU)
+    x = torch.randn(2, 3, 6, 4, 8)
+
+    def gn(h, norm):
+        return F.group_norm(h, 2, norm.weight, norm.bias, 1e-5)
+
+    h = F.gelu(gn(F.conv3d(x, blk.conv1.weight, blk.conv1.bias, stride=2, padding=1), blk.norm1))
+    h = gn(F.conv3d(h, blk.conv2.weight, blk.conv2.bias, padding=1), blk.norm2)
+    sc = gn(F.conv3d(F.avg_pool3d(x, 2), blk.shortcut[1].weight), blk.shortcut[2])
+    torch.testing.assert_close(blk(x), F.gelu(h + sc), rtol=1e-4, atol=1e-4)
+    stem = ConvNormAct(1, 4, spatial_dims=2, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU)
+    assert isinstance(stem.norm, nn.BatchNorm2d) and isinstance(stem.act, nn.ReLU)
+    dec = DecoderResBlock(8, 4, norm_layer=get_norm_layer("layer"), act_layer=get_act_layer("silu"))
+    assert isinstance(dec.norm1, LayerNormChannels) and isinstance(dec.act1, nn.SiLU)

@@ -1,16 +1,21 @@
-"""Model tests: exact sizes from the spec, every registered preset end to end, argument validation."""
+"""Model tests: exact parameter counts, every registered preset end to end, argument validation, the encoder
+and decoder parts, norm and activation choices."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
+import pickle
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-import mambaclinix.models.mambaclinix as mcx
-from mambaclinix import MambaClinixUNet, create_model, list_models
-from mambaclinix.layers import HGCNBlock, LayerNormChannels, MambaLayer
+import mambaclinix.models.encoder as encoder_module
+from mambaclinix import MambaClinixDecoder, MambaClinixEncoder, MambaClinixUNet, create_model, list_models
+from mambaclinix.layers import BasicBlockD, HGCNBlock, LayerNormChannels, MambaLayer
 from mambaclinix.layers.drop import DropPath
 
 PRESETS = ("mambaclinix_paper", "mambaclinix_5stage", "mambaclinix_7stage", "mambaclinix_small")
@@ -32,7 +37,7 @@ def paper_meta():
         return create_model("mambaclinix_paper")
 
 
-# ---------------------------------------------------------------- sizes (spec §1 "Sizes to check against")
+# ---------------------------------------------------------------- sizes
 def test_paper_preset_exact_parameter_counts(paper_meta):
     m = paper_meta
     assert next(m.parameters()).is_meta
@@ -43,7 +48,7 @@ def test_paper_preset_exact_parameter_counts(paper_meta):
     assert [_count(b) for b in m.stage_layers] == [43_776, 173_680, 691_024, 504_064, 778_560, 778_560]
     assert _count(m.junction_norm) == 256
     assert _count(m.bottleneck) == 5_531_520
-    # The spec lists the decoder parts coarse -> fine; the model indexes them by level t (0 = finest).
+    # Counts listed coarse -> fine; the model indexes the decoder lists by level t (0 = finest).
     coarse_to_fine = {
         "skip_blocks": [5_531_520, 3_540_480, 885_504, 221_568, 55_488],
         "decoder_blocks": [8_501_440, 5_441_280, 1_360_768, 340_416, 85_216],
@@ -80,10 +85,10 @@ def test_paper_preset_structure(paper_meta):
 
 
 @pytest.mark.parametrize(("name", "millions"), [("mambaclinix_5stage", 28.43), ("mambaclinix_7stage", 71.58)])
-def test_other_spec_sizes(name, millions):
+def test_other_preset_sizes(name, millions):
     with torch.device("meta"):
         m = create_model(name)
-    # The spec gives two decimals ("about"); allow one unit in the last place.
+    # The sizes are known to two decimals ("about"); allow one unit in the last place.
     assert abs(_count(m) / 1e6 - millions) <= 0.01, _count(m)
 
 
@@ -269,7 +274,7 @@ def test_init_kaiming_convs_and_untouched_mamba(monkeypatch):
             super().__init__(*args, **kwargs)
             snapshots.append({k: v.clone() for k, v in self.state_dict().items()})
 
-    monkeypatch.setattr(mcx, "MambaLayer", RecordingMambaLayer)
+    monkeypatch.setattr(encoder_module, "MambaLayer", RecordingMambaLayer)
     model = MambaClinixUNet(1, 3, n_stages=4, features_per_stage=(16, 32, 64, 64))
     mamba_layers = [m for m in model.stage_layers if isinstance(m, MambaLayer)]
     assert len(mamba_layers) == len(snapshots) == 2
@@ -289,3 +294,254 @@ def test_init_kaiming_convs_and_untouched_mamba(monkeypatch):
     assert n_convs > 30
     hgcn = model.stage_layers[0]
     assert torch.equal(hgcn.gamma, torch.full_like(hgcn.gamma, 1e-6))
+
+
+# ---------------------------------------------------------------- the encoder and decoder parts
+def test_unet_is_its_encoder_then_its_decoder():
+    model = create_model("mambaclinix_tiny", drop_path_rate=0.0)
+    assert isinstance(model.encoder, MambaClinixEncoder) and isinstance(model.decoder, MambaClinixDecoder)
+    # The parts share the U-Net's layers; they are not children, so nothing has two names.
+    assert model.encoder.stem is model.stem and model.encoder.stage_layers is model.stage_layers
+    assert model.decoder.heads is model.heads and model.decoder.bottleneck is model.bottleneck
+    assert not {"encoder", "decoder"} & set(model._modules)
+    state = model.state_dict()
+    parts = {**model.encoder.state_dict(), **model.decoder.state_dict()}
+    assert list(parts) == list(state)
+    assert all(parts[k].data_ptr() == state[k].data_ptr() for k in state)  # the same storage
+    assert len(list(model.parameters())) == len(dict(model.named_parameters(remove_duplicate=False)))
+    x = torch.randn(2, 1, 16, 8, 16)
+    with torch.no_grad():
+        skips = model.encoder(x)
+        torch.testing.assert_close(model.decoder(skips), model(x), rtol=0, atol=0)
+    # the configuration the U-Net reports comes from its parts
+    assert model.size_divisor == model.encoder.size_divisor == (8, 8, 8)
+    assert model.output_scales == model.encoder.skip_scales[:-1]
+    model.deep_supervision = False
+    assert model.decoder.deep_supervision is False and model(x).shape == (2, 2, 16, 8, 16)
+
+
+def test_parts_follow_copy_device_dtype_and_mode_changes():
+    model = create_model("mambaclinix_tiny")
+    model.eval()
+    assert not model.encoder.training and not model.decoder.training and not model.stem.training
+    model.train()
+    assert model.encoder.training and model.decoder.training and model.heads[0].training
+    clone = copy.deepcopy(model)
+    assert clone.encoder.stem is clone.stem and clone.stem is not model.stem
+    assert clone.decoder.up_convs is clone.up_convs
+    clone.to(torch.float64)
+    assert clone.encoder.stem.conv.weight.dtype == torch.float64 == clone.decoder.heads[0].weight.dtype
+    assert model.stem.conv.weight.dtype == torch.float32
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored.encoder.encoder_blocks is restored.encoder_blocks
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+
+
+def test_encoder_alone_returns_skips_of_the_documented_shapes():
+    strides = [1, (1, 2, 2), 2, 2]
+    encoder = MambaClinixEncoder(2, n_stages=4, features_per_stage=(4, 8, 16, 16), strides=strides)
+    assert encoder.skip_scales == ((1, 1, 1), (1, 2, 2), (2, 4, 4), (4, 8, 8)) and encoder.size_divisor == (
+        4,
+        8,
+        8,
+    )
+    assert encoder.stage_layer_types == ("hgcn", "hgcn", "mamba", "mamba") and encoder.junction_stage == 1
+    x = torch.randn(2, 2, 8, 16, 8)
+    skips = encoder(x)
+    assert [tuple(s.shape) for s in skips] == [
+        (2, 4, 8, 16, 8),
+        (2, 8, 8, 8, 4),
+        (2, 16, 4, 4, 2),
+        (2, 16, 2, 2, 1),
+    ]
+    # a classifier on the deepest feature: global average pool and a linear layer, trained by backprop
+    head = nn.Linear(16, 3)
+    logits = head(skips[-1].mean(dim=(2, 3, 4)))
+    nn.functional.cross_entropy(logits, torch.tensor([0, 2])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.parameters())
+    with pytest.raises(ValueError, match=r"expected input \(B, 2, D, H, W\)"):
+        encoder(torch.randn(1, 1, 8, 16, 8))
+
+
+def test_parts_load_the_unet_weights_and_reproduce_it():
+    model = create_model("mambaclinix_tiny", drop_path_rate=0.0).eval()
+    encoder = MambaClinixEncoder(1, n_stages=4, features_per_stage=(4, 8, 16, 16), drop_path_rate=0.0)
+    decoder = MambaClinixDecoder((4, 8, 16, 16), 2)
+    encoder.load_state_dict(model.encoder.state_dict(), strict=True)
+    decoder.load_state_dict(model.decoder.state_dict(), strict=True)
+    x = torch.randn(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        for out, ref in zip(decoder.eval()(encoder.eval()(x)), model(x), strict=True):
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_decoder_on_random_skips_matches_its_layers_by_hand():
+    strides = [2, (1, 2, 2), 2]  # strides[0] is in front of the finest skip and not undone
+    decoder = MambaClinixDecoder((8, 12, 16), out_channels=3, strides=strides, kernel_sizes=[(1, 3, 3), 3, 3])
+    decoder.eval()
+    skips = [torch.randn(2, 8, 4, 8, 12), torch.randn(2, 12, 4, 4, 6), torch.randn(2, 16, 2, 2, 3)]
+    with torch.no_grad():
+        out = decoder(skips)
+        assert [tuple(o.shape) for o in out] == [(2, 3, 4, 8, 12), (2, 3, 4, 4, 6)]
+        # level 1 then level 0, written out from the decoder's own layers
+        x = decoder.bottleneck(skips[2])
+        x = decoder.decoder_blocks[1](
+            torch.cat([decoder.up_convs[1](x), decoder.skip_blocks[1](skips[1])], 1)
+        )
+        torch.testing.assert_close(out[1], decoder.heads[1](x))
+        up = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
+        up = F.conv3d(up, decoder.up_convs[0].conv.weight, decoder.up_convs[0].conv.bias)
+        x = decoder.decoder_blocks[0](torch.cat([up, decoder.skip_blocks[0](skips[0])], 1))
+        torch.testing.assert_close(out[0], decoder.heads[0](x))
+        decoder.deep_supervision = False
+        torch.testing.assert_close(decoder(skips), out[0])
+    assert decoder.skip_blocks[0].conv1.kernel_size == (1, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("skips", "match"),
+    [
+        ([torch.randn(1, 8, 4, 4, 4), torch.randn(1, 16, 2, 2, 2)], "sequence of 3 skip features"),
+        (torch.randn(1, 8, 4, 4, 4), "sequence of 3 skip features"),
+        (
+            [torch.randn(1, 8, 8, 8, 8), torch.randn(1, 12, 4, 4, 4), torch.randn(1, 12, 2, 2, 2)],
+            r"skips\[2\]",
+        ),
+        ([torch.randn(1, 8, 8, 8, 8), torch.randn(1, 12, 4, 4, 4), torch.randn(1, 16, 2, 2, 3)], "strides"),
+        ([torch.randn(1, 8, 8, 8), torch.randn(1, 12, 4, 4), torch.randn(1, 16, 2, 2)], r"skips\[0\]"),
+    ],
+)
+def test_decoder_rejects_skips_of_other_shapes(skips, match):
+    decoder = MambaClinixDecoder((8, 12, 16), out_channels=2)
+    with pytest.raises(ValueError, match=match):
+        decoder(skips)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(features_per_stage=(8,)), "at least two"),
+        (dict(features_per_stage=8), "sequence of channels"),
+        (dict(out_channels=0), "out_channels"),
+        (dict(strides=[2, 2]), "strides"),
+        (dict(norm="weight"), "unknown norm 'weight'; valid names: instance, batch, group, layer"),
+    ],
+)
+def test_decoder_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MambaClinixDecoder(**{"features_per_stage": (8, 16, 32), "out_channels": 2, **kwargs})
+
+
+# ---------------------------------------------------------------- norm and activation choices
+@pytest.mark.parametrize(
+    ("norm", "act", "norm_type", "act_type"),
+    [
+        (("group", {"num_groups": 2}), "gelu", nn.GroupNorm, nn.GELU),
+        ("batch", nn.ReLU, nn.BatchNorm3d, nn.ReLU),
+        (
+            functools.partial(LayerNormChannels, eps=1e-5),
+            ("leakyrelu", {"negative_slope": 0.2}),
+            LayerNormChannels,
+            nn.LeakyReLU,
+        ),
+    ],
+)
+def test_other_norm_and_act_train_one_step(norm, act, norm_type, act_type):
+    model = create_model("mambaclinix_tiny", norm=norm, act=act, drop_path_rate=0.0)
+    assert not any(isinstance(m, nn.InstanceNorm3d) for m in model.modules())
+    assert isinstance(model.stem.norm, norm_type) and isinstance(model.decoder_blocks[0].norm2, norm_type)
+    assert isinstance(model.encoder_blocks[2].shortcut[-1], norm_type)
+    assert isinstance(model.stem.act, act_type) and isinstance(model.stage_layers[0].act, act_type)
+    assert isinstance(model.heads[0], nn.Conv3d)
+    # one deep-supervised SGD step on a fixed batch lowers the loss
+    x, y = torch.randn(2, 1, 16, 16, 8), torch.randint(0, 2, (2, 16, 16, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def loss_fn() -> torch.Tensor:
+        out = model(x)
+        return sum(
+            F.cross_entropy(o, F.interpolate(y[:, None].float(), o.shape[2:]).long()[:, 0]) for o in out
+        )
+
+    before = loss_fn()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert loss_fn() < before
+
+
+@pytest.mark.parametrize(
+    ("act", "a"),
+    [
+        ("leakyrelu", 0.01),
+        (("leakyrelu", {"negative_slope": 0.3}), 0.3),
+        ("relu", 0.0),
+        ("gelu", 0.0),
+        ("prelu", 0.25),
+    ],
+)
+def test_kaiming_a_is_the_activation_slope(act, a):
+    model = MambaClinixUNet(
+        1, 3, n_stages=3, features_per_stage=(16, 32, 64), stage_layer_types=["none"] * 3, act=act
+    )
+    conv = model.decoder_blocks[1].conv1  # 64 -> 32 channels, 3x3x3: 55,296 weights
+    gain = math.sqrt(2 / (1 + a**2))
+    assert conv.weight.std().item() == pytest.approx(gain / math.sqrt(conv.weight[0].numel()), rel=0.03)
+
+
+def test_default_norm_and_act_are_the_papers():
+    model = create_model("mambaclinix_tiny")
+    norms = [m for m in model.modules() if isinstance(m, nn.InstanceNorm3d)]
+    assert len(norms) > 20 and all(n.eps == 1e-5 and n.affine and not n.track_running_stats for n in norms)
+    acts = [m for m in model.modules() if isinstance(m, nn.LeakyReLU)]
+    assert len(acts) > 20 and all(a.negative_slope == 0.01 for a in acts)
+
+
+def test_former_norm_eps_and_negative_slope_arguments_still_work():
+    with pytest.warns(DeprecationWarning) as record:
+        model = create_model("mambaclinix_tiny", norm_eps=1e-3, negative_slope=0.2)
+    messages = sorted(str(w.message) for w in record)
+    assert messages[0].startswith("negative_slope is deprecated") and messages[1].startswith("norm_eps")
+    assert model.stem.norm.eps == 1e-3 and model.stem.norm.affine
+    assert model.stem.act.negative_slope == 0.2 and model.stage_layers[1].act.negative_slope == 0.2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            dict(norm="instancenrom"),
+            "unknown norm 'instancenrom'; valid names: instance, batch, group, layer",
+        ),
+        (dict(norm="group"), "num_groups"),
+        (dict(act="swiglu"), "unknown act 'swiglu'; valid names: leakyrelu, relu, prelu"),
+        (dict(act=nn.ReLU()), "not the module instance"),
+        (dict(norm=nn.BatchNorm2d), "BatchNorm2d is for 2 spatial axes"),
+    ],
+)
+def test_invalid_norm_and_act(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("mambaclinix_tiny", **kwargs)
+
+
+def test_layers_replaced_through_the_unet_are_replaced_in_its_parts():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = create_model("mambaclinix_tiny", drop_path_rate=0.0)
+    x = torch.randn(1, 1, 16, 16, 8)
+    ref = model(x)
+    # wraps every BasicBlockD in place of the original, the bottleneck (a direct child) included
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, BasicBlockD))
+    assert model.decoder.bottleneck is model.bottleneck and type(model.bottleneck) is not BasicBlockD
+    calls = []
+    model.bottleneck.register_forward_hook(lambda *_: calls.append(1))
+    out = model(x)
+    assert calls == [1]
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    sum(o.square().mean() for o in out).backward()
+    assert model.stem.conv.weight.grad is not None
+    model.stem = nn.Identity()  # a replacement by hand too
+    assert model.encoder.stem is model.stem

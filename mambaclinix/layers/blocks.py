@@ -1,18 +1,28 @@
-"""Convolutional building blocks of the MambaClinix U-Net, and the conv/norm/act factories they share.
+"""Convolutional building blocks of the MambaClinix U-Net, and the conv helpers they share.
 
 Every block is channels first, then ``spatial_dims`` (3, or 2 for slices), then the injected choices:
-``norm_layer`` (a callable ``channels -> nn.Module``) and ``act_layer`` (a callable ``() -> nn.Module``).
-Defaults follow the paper (spec §1): InstanceNorm(eps 1e-5, affine), LeakyReLU(0.01), conv bias on.
+``norm_layer`` and ``act_layer``, each a name, a class, a ``functools.partial`` or a factory (see
+:func:`~mambaclinix.layers.get_norm_layer` and :func:`~mambaclinix.layers.get_act_layer`). Defaults follow
+the paper: InstanceNorm(eps 1e-5, affine), LeakyReLU(0.01), conv bias on.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mambaclinix.layers.factories import (
+    ActFactory,
+    ActSpec,
+    NormFactory,
+    NormSpec,
+    check_spatial_dims,
+    get_act_layer,
+    get_norm_layer,
+)
 
 __all__ = [
     "NormFactory",
@@ -31,18 +41,14 @@ __all__ = [
     "pointwise_conv",
 ]
 
-NormFactory = Callable[[int], nn.Module]
-ActFactory = Callable[[], nn.Module]
-
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 _POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
-def _check_dims(spatial_dims: int) -> int:
-    if spatial_dims not in _CONV:
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    return spatial_dims
+def _norm_act(norm_layer, act_layer, spatial_dims: int) -> tuple[NormFactory, ActFactory]:
+    """The factories of a block's ``norm_layer`` / ``act_layer`` arguments (``None``: the paper's)."""
+    norm = get_norm_layer("instance" if norm_layer is None else norm_layer, spatial_dims)
+    return norm, get_act_layer("leakyrelu" if act_layer is None else act_layer)
 
 
 def to_tuple(value: int | Sequence[int], spatial_dims: int, name: str = "value") -> tuple[int, ...]:
@@ -51,7 +57,7 @@ def to_tuple(value: int | Sequence[int], spatial_dims: int, name: str = "value")
     Raises:
         ValueError: wrong length, non-integer or non-positive entries (the message names ``name``).
     """
-    _check_dims(spatial_dims)
+    check_spatial_dims(spatial_dims)
     items = (value,) * spatial_dims if isinstance(value, int) else tuple(value)
     if len(items) != spatial_dims or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         raise ValueError(f"{name} must be an int or {spatial_dims} ints, got {value!r}")
@@ -69,22 +75,12 @@ def same_padding(kernel_size: Sequence[int], name: str = "kernel_size") -> tuple
 
 def conv_type(spatial_dims: int) -> type[nn.Module]:
     """``nn.Conv3d`` or ``nn.Conv2d``."""
-    return _CONV[_check_dims(spatial_dims)]
+    return _CONV[check_spatial_dims(spatial_dims)]
 
 
 def pool_type(spatial_dims: int) -> type[nn.Module]:
     """``nn.AvgPool3d`` or ``nn.AvgPool2d``."""
-    return _POOL[_check_dims(spatial_dims)]
-
-
-def get_norm_layer(spatial_dims: int = 3, eps: float = 1e-5) -> NormFactory:
-    """Factory ``channels -> InstanceNorm{2,3}d(channels, eps, affine=True)`` (the paper's norm)."""
-    return functools.partial(_NORM[_check_dims(spatial_dims)], eps=eps, affine=True)
-
-
-def get_act_layer(negative_slope: float = 0.01, inplace: bool = True) -> ActFactory:
-    """Factory ``() -> LeakyReLU(negative_slope)`` (the paper's activation)."""
-    return functools.partial(nn.LeakyReLU, negative_slope=negative_slope, inplace=inplace)
+    return _POOL[check_spatial_dims(spatial_dims)]
 
 
 def make_conv(
@@ -150,7 +146,7 @@ def _shortcut(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class ConvNormAct(nn.Module):
-    """Conv → norm → activation; the stem of the encoder (spec §1, "Encoder" 1).
+    """Conv → norm → activation; the stem of the MambaClinix encoder.
 
     Args:
         in_channels: Input channels.
@@ -158,8 +154,10 @@ class ConvNormAct(nn.Module):
         spatial_dims: 3 (volumes) or 2.
         kernel_size: Odd kernel, an int or one per axis (e.g. ``(1, 3, 3)``).
         stride: Stride, an int or one per axis.
-        norm_layer: ``channels -> module``; default InstanceNorm(eps 1e-5, affine).
-        act_layer: ``() -> module``; default LeakyReLU(0.01).
+        norm_layer: Normalisation, anything :func:`~mambaclinix.layers.get_norm_layer` takes (a name, a
+            class, a partial, a factory ``channels -> module``); default InstanceNorm(eps 1e-5, affine).
+        act_layer: Activation, anything :func:`~mambaclinix.layers.get_act_layer` takes; default
+            LeakyReLU(0.01).
 
     Shape:
         ``(B, in_channels, *S)`` → ``(B, out_channels, *ceil(S / stride))``.
@@ -172,12 +170,11 @@ class ConvNormAct(nn.Module):
         spatial_dims: int = 3,
         kernel_size: int | Sequence[int] = 3,
         stride: int | Sequence[int] = 1,
-        norm_layer: NormFactory | None = None,
-        act_layer: ActFactory | None = None,
+        norm_layer: NormSpec | None = None,
+        act_layer: ActSpec | None = None,
     ) -> None:
         super().__init__()
-        norm_layer = norm_layer or get_norm_layer(spatial_dims)
-        act_layer = act_layer or get_act_layer()
+        norm_layer, act_layer = _norm_act(norm_layer, act_layer, spatial_dims)
         self.conv = make_conv(spatial_dims, in_channels, out_channels, kernel_size, stride)
         self.norm = norm_layer(out_channels)
         self.act = act_layer()
@@ -190,9 +187,9 @@ class BasicBlockD(nn.Module):
     """ResNet-D basic block (He et al. 2019, "Bag of tricks"), the first layer of every encoder stage.
 
     Main path: Conv(k, stride) → norm → act → Conv(k) → norm. Shortcut: AvgPool(stride) if strided, then
-    1×1 conv (no bias) → norm if the channel count changes, else identity. Output: act(main + shortcut)
-    (spec §1, "Encoder" 2). The pool uses ``ceil_mode`` so the shortcut matches the strided conv
-    (``ceil(S / stride)``) on any input size.
+    1×1 conv (no bias) → norm if the channel count changes, else identity. Output: act(main + shortcut),
+    as in the authors' code (an nnU-Net residual encoder). The pool uses ``ceil_mode`` so the shortcut
+    matches the strided conv (``ceil(S / stride)``) on any input size.
 
     Args:
         in_channels: Input channels.
@@ -200,8 +197,10 @@ class BasicBlockD(nn.Module):
         spatial_dims: 3 or 2.
         kernel_size: Odd kernel, an int or one per axis.
         stride: Stride of the first conv and of the shortcut pool, an int or one per axis.
-        norm_layer: ``channels -> module``; default InstanceNorm(eps 1e-5, affine).
-        act_layer: ``() -> module``; default LeakyReLU(0.01).
+        norm_layer: Normalisation, anything :func:`~mambaclinix.layers.get_norm_layer` takes (a name, a
+            class, a partial, a factory ``channels -> module``); default InstanceNorm(eps 1e-5, affine).
+        act_layer: Activation, anything :func:`~mambaclinix.layers.get_act_layer` takes; default
+            LeakyReLU(0.01).
 
     Shape:
         ``(B, in_channels, *S)`` → ``(B, out_channels, *ceil(S / stride))``.
@@ -214,12 +213,11 @@ class BasicBlockD(nn.Module):
         spatial_dims: int = 3,
         kernel_size: int | Sequence[int] = 3,
         stride: int | Sequence[int] = 1,
-        norm_layer: NormFactory | None = None,
-        act_layer: ActFactory | None = None,
+        norm_layer: NormSpec | None = None,
+        act_layer: ActSpec | None = None,
     ) -> None:
         super().__init__()
-        norm_layer = norm_layer or get_norm_layer(spatial_dims)
-        act_layer = act_layer or get_act_layer()
+        norm_layer, act_layer = _norm_act(norm_layer, act_layer, spatial_dims)
         stride = to_tuple(stride, spatial_dims, "stride")
         self.conv1 = make_conv(spatial_dims, in_channels, out_channels, kernel_size, stride)
         self.norm1 = norm_layer(out_channels)
@@ -243,7 +241,7 @@ class BasicBlockD(nn.Module):
 
 
 class DecoderResBlock(nn.Module):
-    """Residual block of a decoder level, applied to the concatenation ``[up, skip]`` (spec §1, "Decoder" 2).
+    """Residual block of a decoder level, applied to the concatenation ``[up, skip]`` (MambaClinix decoder).
 
     Main path: Conv(k) → norm → act → Conv(k) → norm; shortcut: 1×1 conv with bias (identity if the
     channel counts are equal); output act(main + shortcut).
@@ -253,8 +251,10 @@ class DecoderResBlock(nn.Module):
         out_channels: Output channels (``C_t``).
         spatial_dims: 3 or 2.
         kernel_size: Odd kernel, an int or one per axis.
-        norm_layer: ``channels -> module``; default InstanceNorm(eps 1e-5, affine).
-        act_layer: ``() -> module``; default LeakyReLU(0.01).
+        norm_layer: Normalisation, anything :func:`~mambaclinix.layers.get_norm_layer` takes (a name, a
+            class, a partial, a factory ``channels -> module``); default InstanceNorm(eps 1e-5, affine).
+        act_layer: Activation, anything :func:`~mambaclinix.layers.get_act_layer` takes; default
+            LeakyReLU(0.01).
 
     Shape:
         ``(B, in_channels, *S)`` → ``(B, out_channels, *S)``.
@@ -266,12 +266,11 @@ class DecoderResBlock(nn.Module):
         out_channels: int,
         spatial_dims: int = 3,
         kernel_size: int | Sequence[int] = 3,
-        norm_layer: NormFactory | None = None,
-        act_layer: ActFactory | None = None,
+        norm_layer: NormSpec | None = None,
+        act_layer: ActSpec | None = None,
     ) -> None:
         super().__init__()
-        norm_layer = norm_layer or get_norm_layer(spatial_dims)
-        act_layer = act_layer or get_act_layer()
+        norm_layer, act_layer = _norm_act(norm_layer, act_layer, spatial_dims)
         self.conv1 = make_conv(spatial_dims, in_channels, out_channels, kernel_size)
         self.norm1 = norm_layer(out_channels)
         self.act1 = act_layer()
@@ -290,7 +289,7 @@ class DecoderResBlock(nn.Module):
 
 
 class UpsampleConv(nn.Module):
-    """Nearest-neighbour upsampling by ``scale_factor``, then a 1×1 conv with bias (spec §1, "Decoder" 2).
+    """Nearest-neighbour upsampling by ``scale_factor``, then a 1×1 conv with bias (MambaClinix decoder).
 
     Args:
         in_channels: Input channels (``C_{t+1}``).

@@ -1,10 +1,14 @@
-"""Whole networks and their registry of named presets (``create_model(name, **kwargs)``)."""
+"""Whole networks, their parts and the registry of named presets (``create_model(name, **kwargs)``)."""
 
-from mambaclinix.models.mambaclinix import STAGE_LAYER_TYPES, MambaClinixUNet
+from mambaclinix.models.decoder import MambaClinixDecoder
+from mambaclinix.models.encoder import STAGE_LAYER_TYPES, MambaClinixEncoder
+from mambaclinix.models.mambaclinix import MambaClinixUNet
 from mambaclinix.models.registry import create_model, is_model, list_models, register_model
 
 __all__ = [
     "STAGE_LAYER_TYPES",
+    "MambaClinixDecoder",
+    "MambaClinixEncoder",
     "MambaClinixUNet",
     "create_model",
     "is_model",
