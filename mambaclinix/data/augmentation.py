@@ -1,4 +1,4 @@
-"""nnU-Net's default training augmentation as TorchIO transforms — all of them in this one file (spec §3).
+"""nnU-Net's default training augmentation as TorchIO transforms — all of them in this one file.
 
 :func:`nnunet_augmentation` composes, in nnU-Net v2's order (each line: probability per subject load):
 

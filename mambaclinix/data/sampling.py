@@ -1,4 +1,4 @@
-"""Foreground-oversampling patch sampler for ``tio.Queue`` (nnU-Net's sampling, spec §3).
+"""Foreground-oversampling patch sampler for ``tio.Queue`` (nnU-Net's sampling).
 
 Each patch is, with probability ``foreground_probability`` (default 1/3, nnU-Net's
 ``oversample_foreground_percent``), centred on a random foreground voxel: a class is drawn uniformly

@@ -16,11 +16,10 @@ from mambaclinix.layers.blocks import (
 from mambaclinix.layers.drop import DropPath, drop_path
 from mambaclinix.layers.hgconv import GATINGS, HGCNBlock, HgConv, hgconv_widths
 from mambaclinix.layers.mamba import Mamba, MambaLayer
-from mambaclinix.layers.norm import ChannelLayerNorm, LayerNormChannels
+from mambaclinix.layers.norm import LayerNormChannels
 
 __all__ = [
     "BasicBlockD",
-    "ChannelLayerNorm",
     "ConvNormAct",
     "DecoderResBlock",
     "DropPath",

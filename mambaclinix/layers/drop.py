@@ -31,7 +31,7 @@ def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False, s
 
 
 class DropPath(nn.Module):
-    """Per-sample stochastic depth (Huang et al. 2016), as used inside the HGCN blocks (spec §1).
+    """Per-sample stochastic depth (Huang et al. 2016), as used inside the HGCN blocks.
 
     In training, each sample's input is zeroed with probability ``drop_prob`` and otherwise scaled by
     ``1 / (1 - drop_prob)``; in eval it is the identity.

@@ -1,7 +1,7 @@
 """Hierarchical gated convolution (hgConv) and the HGCN block of the shallow encoder stages.
 
 hgConv descends from HorNet's recursive gated convolution gnConv (Rao et al., NeurIPS 2022); MambaClinix
-(§3.2, Fig. 2) lifts it to 3D. See spec §1 "HGCN block" and "hgConv of order n".
+(§3.2, Fig. 2) lifts it to 3D.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def depthwise_conv(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
 
 
 class HgConv(nn.Module):
-    """hgConv of order ``n``: recursive gating of depthwise-conv features (spec §1, MambaClinix §3.2).
+    """hgConv of order ``n``: recursive gating of depthwise-conv features (MambaClinix §3.2).
 
     1. ``[P0, Q] = proj_in(x)`` (1×1 conv C → 2C), ``P0`` has ``c_0`` channels, ``Q`` the other ``Σ c_k``.
     2. ``Q = scale · dwconv(Q)`` (one depthwise conv, "same" padding, bias), split into ``Q_0..Q_{n-1}``.
@@ -156,7 +156,7 @@ class HgConv(nn.Module):
 
 
 class HGCNBlock(nn.Module):
-    """HGCN block of the shallow encoder stages (MambaClinix §3.2, Fig. 2; spec §1 "HGCN block").
+    """HGCN block of the shallow encoder stages (MambaClinix §3.2, Fig. 2).
 
     With input ``X0`` (``C0`` channels) and ``C' = C0 / 2``::
 

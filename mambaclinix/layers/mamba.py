@@ -1,4 +1,4 @@
-"""Mamba (v1) block and the residual Mamba layer for 3D feature maps (MambaClinix §1, spec §1).
+"""Mamba (v1) block and the residual Mamba layer for 3D feature maps (MambaClinix §3.2; Gu & Dao 2023).
 
 :class:`Mamba` has the parameter names and shapes of ``mamba_ssm.Mamba`` (``in_proj``, ``conv1d``,
 ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``), so state dicts load both ways. It runs on any
@@ -144,7 +144,7 @@ def _no_autocast(device_type: str):
 
 
 class MambaLayer(nn.Module):
-    """Residual Mamba layer for 3D feature maps (MambaClinix §3.2; spec §1 "Residual Mamba layer").
+    """Residual Mamba layer for 3D feature maps (MambaClinix §3.2).
 
     ``X0 (B, C, D, H, W)`` is flattened to ``L = D·H·W`` tokens in row-major order (W fastest) and
     ``Y = Linear(LN(Mamba(LN(tokens))))`` with one shared LayerNorm, reshaped back and added to ``X0``.

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LayerNormChannels", "ChannelLayerNorm"]
+__all__ = ["LayerNormChannels"]
 
 
 class LayerNormChannels(nn.Module):
@@ -14,7 +14,7 @@ class LayerNormChannels(nn.Module):
 
     Every voxel is normalised over its ``C`` channels (biased variance), then a per-channel affine
     ``weight * x + bias`` is applied. This is the "channel LayerNorm" of the HGCN block and of the junction
-    before the last HGCN stage (MambaClinix §3.2, spec §1), i.e. ``F.layer_norm`` on the tensor permuted
+    before the last HGCN stage (MambaClinix §3.2), i.e. ``F.layer_norm`` on the tensor permuted
     to channels-last. On the CPU it is computed exactly so (permute, fused ``layer_norm``, permute back to a
     contiguous tensor; float32 under autocast, like ``nn.LayerNorm``); on other devices by the mean and
     variance formula in the input's dtype.
@@ -65,5 +65,3 @@ class LayerNormChannels(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
 
-
-ChannelLayerNorm = LayerNormChannels
