@@ -16,7 +16,7 @@ loaded on first access (``from mambaclinix.data import SegmentationDataModule`` 
 Lightning at that moment).
 """
 
-import importlib
+from mambaclinix.utils.lazy import lazy_attributes
 
 _LAZY = {
     # name: defining module (the TorchIO pipeline, imported on first access)
@@ -45,13 +45,4 @@ _LAZY = {
 __all__ = [*_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mambaclinix.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
