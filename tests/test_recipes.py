@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from _synthetic import make_dataset
 from test_planning import write_dataset
@@ -43,6 +44,20 @@ def test_recipe_numbers(tmp_path, name):
     hp = model.hparams
     assert (hp.lr, hp.weight_decay, hp.adam_eps, hp.poly_power) == (1e-4, 1e-5, 1e-5, 0.9)
     assert trainer.gradient_clip_val == 12.0
+    # Adam with coupled weight decay; poly schedule stepped per epoch: lr·(1 − epoch/1000)^0.9 by hand
+    assert hp.poly_interval == "epoch"
+    model.trainer = trainer
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]
+    assert type(opt) is torch.optim.Adam and sched["interval"] == "epoch"
+    group = opt.param_groups[0]
+    assert (group["weight_decay"], group["eps"]) == (1e-5, 1e-5)
+    lrs = []
+    for _ in range(3):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched["scheduler"].step()
+    assert lrs == pytest.approx([1e-4 * (1 - e / 1000) ** 0.9 for e in range(3)], rel=1e-12)
+    assert sched["scheduler"].lr_lambdas[0](999) == pytest.approx((1 / 1000) ** 0.9, rel=1e-12)
     # inference: 50% overlap, mirror TTA; nnU-Net's deep-supervision weights
     assert hp.sw_overlap == 0.5 and hp.mirror_tta is True and model.loss.weights is None
     assert tuple(hp.patch_size) == (128, 128, 128) and hp.net == "mambaclinix_paper"
@@ -64,3 +79,10 @@ def test_recipe_then_plan_takes_batch_dice_from_the_plan(tmp_path, name):
     assert cli.model.hparams.net_kwargs == yaml.safe_load(config.read_text())["model"]["net_kwargs"]
     assert cli.trainer.max_epochs == 1000 and cli.datamodule.hparams.iterations_per_epoch == 250
     assert cli.model.hparams.mirror_tta is True  # the recipe's inference settings stay
+
+
+def test_bad_poly_interval_is_refused():
+    from mambaclinix.training import SegmentationModule
+
+    with pytest.raises(ValueError, match=r"poly_interval must be 'step' or 'epoch', got 'batch'"):
+        SegmentationModule("mambaclinix_tiny", patch_size=(16, 16, 16), poly_interval="batch")

@@ -70,9 +70,11 @@ class SegmentationModule(L.LightningModule):
         lr: Adam learning rate.
         weight_decay: Adam's coupled L2 weight decay (as the paper's nnU-Net trainer).
         adam_eps: Adam's epsilon.
-        poly_power: exponent of the poly schedule ``lr·(1 − step/total)^power`` over the Trainer's total
-            optimizer steps (``max_epochs`` × batches, or ``max_steps``); nnU-Net steps it per epoch, which
-            differs only in granularity.
+        poly_power: exponent of the poly schedule ``lr·(1 − step/total)^power``.
+        poly_interval: ``"step"``: the schedule runs over the Trainer's total optimizer steps
+            (``max_epochs`` × batches, or ``max_steps``) and changes every step; ``"epoch"``: it runs over
+            ``max_epochs`` and changes once per epoch, ``lr·(1 − epoch/max_epochs)^power``, as nnU-Net's
+            trainer steps it (the named recipes use this).
         sw_batch_size: windows per network call in the sliding window of validation, test and predict.
         sw_overlap: overlap of neighbouring windows, a fraction of the window size.
         mirror_tta: average the predictions over mirrored inputs (test-time augmentation).
@@ -98,6 +100,7 @@ class SegmentationModule(L.LightningModule):
         weight_decay: float = 1e-5,
         adam_eps: float = 1e-5,
         poly_power: float = 0.9,
+        poly_interval: str = "step",
         sw_batch_size: int = 2,
         sw_overlap: float = 0.5,
         mirror_tta: bool = False,
@@ -115,6 +118,8 @@ class SegmentationModule(L.LightningModule):
             names = names[1:]
         if len(names) != num_classes - 1:
             raise ValueError(f"class_names must name the {num_classes - 1} foreground classes, got {names}")
+        if poly_interval not in ("step", "epoch"):
+            raise ValueError(f"poly_interval must be 'step' or 'epoch', got {poly_interval!r}")
         if array_axes not in ARRAY_AXES:
             raise ValueError(
                 f"array_axes must be 'xyz' (TorchIO arrays) or 'zyx' (SimpleITK), got {array_axes!r}"
@@ -179,7 +184,13 @@ class SegmentationModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                eps=self.hparams.adam_eps)  # fmt: skip
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        by_epoch = self.hparams.get("poly_interval", "step") == "epoch"
+        if self._trainer is None:
+            total = float("inf")
+        elif by_epoch:
+            total = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else float("inf")
+        else:
+            total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total < 1:
             return opt  # no known training length: constant learning rate
         power, total = self.hparams.poly_power, int(total)
@@ -188,7 +199,8 @@ class SegmentationModule(L.LightningModule):
             return max(0.0, 1.0 - step / total) ** power
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        interval = "epoch" if by_epoch else "step"
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained for another channel or class count, with a message saying so
