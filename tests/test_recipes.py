@@ -40,6 +40,8 @@ def test_recipe_numbers(tmp_path, name):
     assert trainer.max_epochs == 1000
     assert dm.hparams.iterations_per_epoch == 250 and dm.hparams.batch_size == 2
     assert trainer.limit_train_batches == 1.0  # the epoch length comes from the data module alone
+    # preprocessing: 3rd-order images, one-hot linear labels
+    assert (dm.hparams.image_interpolation, dm.hparams.label_interpolation) == ("bspline", "onehot_linear")
     # optimiser, schedule, clipping
     hp = model.hparams
     assert (hp.lr, hp.weight_decay, hp.adam_eps, hp.poly_power) == (1e-4, 1e-5, 1e-5, 0.9)
