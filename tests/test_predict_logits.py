@@ -8,6 +8,7 @@ import math
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -103,3 +104,35 @@ def test_predict_resamples_logits_to_the_original_grid_then_takes_the_argmax(tmp
     expected = [0] + [a, 2, b, 2, a, 2, b, b] + [0]
     assert written[:, 0, 0].tolist() == expected
     assert (written == written[:, :1, :1]).all()
+
+
+def test_thick_axis_is_nnunets_separate_z_axis():
+    from mambaclinix.inference.geometry import thick_axis
+
+    assert thick_axis((3.0, 0.8, 0.8), (3.0, 0.8, 0.8)) == 0  # 3.75 > 3
+    assert thick_axis((1.0, 1.0, 1.0), (0.7, 0.7, 5.0)) == 2  # the current grid is isotropic: the new one
+    assert thick_axis((2.4, 0.8, 0.8), (2.4, 0.8, 0.8)) is None  # exactly 3: not above
+    assert thick_axis((0.24, 1.25, 1.25), (0.24, 1.25, 1.25)) is None  # two coarse axes: no separate axis
+    assert thick_axis((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)) is None
+
+
+def test_logits_are_resampled_with_order0_along_a_thick_axis():
+    from mambaclinix.inference import invert_to_original
+
+    # preprocessed 4 mm × 1 × 1 (anisotropic: 4 > 3) onto 1 mm: cropped voxel j lies at coordinate j / 4
+    pre_affine = np.diag([4.0, 1.0, 1.0, 1.0])
+    meta = {
+        "name": "case",
+        "preprocessed_shape": (3, 2, 2),
+        "preprocessed_affine": pre_affine,
+        "cropped_shape": (9, 2, 2),
+        "cropped_affine": np.eye(4),
+        "original_shape": (9, 2, 2),
+        "crop_bbox": ((0, 9), (0, 2), (0, 2)),
+    }
+    logits = torch.tensor([0.0, 4.0, 8.0]).reshape(1, 3, 1, 1).expand(1, 3, 2, 2)
+    nearest = invert_to_original(logits, meta)[0, :, 0, 0].tolist()
+    # by hand: coordinates 0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2 → nearest voxel (halves round up)
+    assert nearest == [0.0, 0.0, 4.0, 4.0, 4.0, 4.0, 8.0, 8.0, 8.0]
+    linear = invert_to_original(logits, meta, anisotropy_threshold=None)[0, :, 0, 0].tolist()
+    assert linear == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
