@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -337,14 +338,32 @@ def test_deep_supervision_default_weights():
     assert deep_supervision_weights(2) == (1.0, 0.0)
 
 
-def test_downsample_labels_is_strided_pick_and_matches_interpolate():
-    y = torch.randint(0, 5, (2, 1, 8, 12, 6))
-    torch.testing.assert_close(downsample_labels(y, (4, 6, 3)), y[..., ::2, ::2, ::2])
-    torch.testing.assert_close(downsample_labels(y[:, 0], (2, 3, 3)), y[:, 0, ::4, ::4, ::2])
-    odd = downsample_labels(y, (3, 5, 4))
-    ref = F.interpolate(y.float(), size=(3, 5, 4), mode="nearest").long()
-    torch.testing.assert_close(odd, ref)
-    assert downsample_labels(y.bool(), (4, 6, 3)).dtype == torch.bool
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((8, 12, 6), (4, 6, 3)), ((8, 12, 6), (2, 3, 3)), ((8, 12, 6), (3, 5, 4)), ((7, 9, 11), (3, 4, 5))],
+)
+def test_downsample_labels_is_an_order0_resize_as_scipy_zoom(shape, size):
+    """nnU-Net's deep-supervision targets: skimage's order-0 resize, i.e. scipy's zoom with grid_mode."""
+    from scipy import ndimage
+
+    y = torch.randint(0, 5, (2, 1, *shape))
+    zoom = [s / n for s, n in zip(size, shape, strict=True)]
+    ref = np.stack(
+        [ndimage.zoom(v[0].numpy(), zoom, order=0, grid_mode=True, mode="grid-constant") for v in y]
+    )
+    assert ref.shape[1:] == size
+    np.testing.assert_array_equal(downsample_labels(y, size)[:, 0].numpy(), ref)
+    np.testing.assert_array_equal(downsample_labels(y[:, 0], size).numpy(), ref)
+    assert downsample_labels(y.bool(), size).dtype == torch.bool
+
+
+def test_downsample_labels_takes_the_voxel_nearest_each_coarse_centre():
+    # factor 2: coarse voxel i is centred between fine voxels 2i and 2i + 1; the centre-right one is taken
+    y = torch.arange(8).reshape(1, 8, 1, 1).expand(1, 8, 2, 2)
+    assert downsample_labels(y, (4, 1, 1)).flatten().tolist() == [1, 3, 5, 7]
+    # factor 3: the middle voxel of each triple
+    y = torch.arange(9).reshape(1, 9, 1, 1)
+    assert downsample_labels(y, (3, 1, 1)).flatten().tolist() == [1, 4, 7]
 
 
 class _CountingLoss(torch.nn.Module):
@@ -367,8 +386,9 @@ def test_deep_supervision_weighted_sum_and_skips_zero_weights():
     ds = DeepSupervisionLoss(counting)
     total = ds(outs, y)
     w = (4 / 7, 2 / 7, 1 / 7)
+    # order-0 targets: of each 2**i block the voxel nearest the block's centre (index 2**i // 2 in it)
     expected = sum(
-        wi * inner(o, y[..., :: 2**i, :: 2**i, :: 2**i])
+        wi * inner(o, y[..., 2**i // 2 :: 2**i, 2**i // 2 :: 2**i, 2**i // 2 :: 2**i])
         for i, (wi, o) in enumerate(zip(w, outs[:3], strict=True))
     )
     torch.testing.assert_close(total, expected, rtol=0, atol=1e-12)

@@ -18,7 +18,11 @@ from torch import nn
 from mambaclinix.ops.causal_conv1d import causal_conv1d
 from mambaclinix.ops.selective_scan import selective_scan
 
-__all__ = ["Mamba", "MambaLayer"]
+__all__ = ["SCAN_ORDERS", "Mamba", "MambaLayer"]
+
+SCAN_ORDERS = ("C", "F")
+"""Token orders of :class:`MambaLayer`: ``"C"`` row-major (last spatial axis fastest), ``"F"`` column-major
+(first spatial axis fastest), named as NumPy's ``order`` argument."""
 
 
 class Mamba(nn.Module):
@@ -146,10 +150,19 @@ def _no_autocast(device_type: str):
 class MambaLayer(nn.Module):
     """Residual Mamba layer for 3D feature maps (MambaClinix §3.2).
 
-    ``X0 (B, C, D, H, W)`` is flattened to ``L = D·H·W`` tokens in row-major order (W fastest) and
-    ``Y = Linear(LN(Mamba(LN(tokens))))`` with one shared LayerNorm, reshaped back and added to ``X0``.
-    The layer always computes in float32 (float64 stays float64), also under autocast (the scan is
-    unstable in half precision), and returns its input's dtype.
+    ``X0 (B, C, D, H, W)`` is flattened to ``L = D·H·W`` tokens and ``Y = Linear(LN(Mamba(LN(tokens))))``
+    with one shared LayerNorm, reshaped back and added to ``X0``. The layer always computes in float32
+    (float64 stays float64), also under autocast (the scan is unstable in half precision), and returns its
+    input's dtype.
+
+    **Scan order.** The scan is causal, so the order of the tokens matters. ``scan_order="C"`` (default)
+    flattens row-major, the last array axis fastest: token ``t`` of a ``(D, H, W)`` map is voxel
+    ``(t // (H·W), (t // W) % H, t % W)``. ``scan_order="F"`` flattens with the first array axis fastest:
+    voxel ``(t % D, (t // D) % H, t // (D·H))``. The authors' arrays are SimpleITK's ``(z, y, x)`` and
+    their layer flattens row-major, so physically **x is the fastest axis**; on TorchIO's ``(x, y, z)``
+    arrays (this library's data pipeline) ``"F"`` scans the same physical voxels in the same order.
+    :class:`~mambaclinix.training.SegmentationModule` chooses the order from its ``array_axes``
+    (``docs/architecture.md``, "Axis order"). The order has no parameters: a state dict loads either way.
 
     Args:
         dim: channels ``C``.
@@ -159,6 +172,7 @@ class MambaLayer(nn.Module):
         dt_rank: rank of the Δ projection (``"auto"``: ``ceil(dim / 16)``), passed to :class:`Mamba`.
         scan_backend: selective-scan backend (``None`` = process default).
         conv_backend: causal-conv1d backend.
+        scan_order: ``"C"`` (last array axis fastest) or ``"F"`` (first array axis fastest); see above.
 
     Shapes:
         ``(B, C, *spatial) -> (B, C, *spatial)`` (any number of spatial dimensions).
@@ -173,9 +187,16 @@ class MambaLayer(nn.Module):
         dt_rank: int | str = "auto",
         scan_backend: str | None = None,
         conv_backend: str | None = None,
+        scan_order: str = "C",
     ) -> None:
         super().__init__()
+        if scan_order not in SCAN_ORDERS:
+            raise ValueError(
+                f"scan_order must be 'C' (last array axis fastest) or 'F' (first array axis fastest), "
+                f"got {scan_order!r}"
+            )
         self.dim = dim
+        self.scan_order = scan_order
         self.norm = nn.LayerNorm(dim, eps=1e-5)
         self.mamba = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
                            scan_backend=scan_backend, conv_backend=conv_backend)  # fmt: skip
@@ -188,7 +209,14 @@ class MambaLayer(nn.Module):
             )
         with _no_autocast(x.device.type):
             x32 = _fp32_or_wider(x)
-            tokens = x32.flatten(2).transpose(1, 2)  # (B, L, C), W fastest
+            # "F": reversing the spatial axes makes the first one the fastest of a row-major flatten
+            reverse = (0, 1, *range(x.dim() - 1, 1, -1))
+            grid = x32.permute(reverse) if self.scan_order == "F" else x32
+            tokens = grid.flatten(2).transpose(1, 2)  # (B, L, C)
             y = self.proj(self.norm(self.mamba(self.norm(tokens))))
-            out = y.transpose(1, 2).reshape(x32.shape) + x32
+            y = y.transpose(1, 2).reshape(grid.shape)
+            out = (y.permute(reverse) if self.scan_order == "F" else y) + x32
         return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, scan_order={self.scan_order!r}"

@@ -48,7 +48,8 @@ shapes, label values ``>= K`` or ``< 0`` (other than ``ignore_index``), non-inte
 outside ``[0, 1]``, and NaN or inf in the logits. (These checks synchronise with the device once per call.)
 
 **Deep supervision.** :class:`DeepSupervisionLoss` wraps any of the above for a list of logits, finest
-first, with nnU-Net's weights (∝ 2^−i, coarsest 0, sum 1) and nearest-downsampled targets.
+first, with nnU-Net's weights (∝ 2^−i, coarsest 0, sum 1) and order-0 resized targets (the label
+nearest each coarse voxel's centre, as nnU-Net's ``DownsampleSegForDSTransform2``).
 """
 
 from mambaclinix.losses.compound import DiceCETverskyLoss, MambaClinixLoss
@@ -61,6 +62,7 @@ from mambaclinix.losses.deep_supervision import (
 from mambaclinix.losses.dice import DiceCELoss, SoftDiceLoss, soft_dice
 from mambaclinix.losses.region_tversky import (
     PAPER_GRID,
+    PAPER_GRID_XYZ,
     RegionSpecificTverskyLoss,
     grid_from_patch_size,
     region_tversky_index,
@@ -69,6 +71,7 @@ from mambaclinix.losses.tversky import TverskyLoss, tversky_index
 
 __all__ = [
     "PAPER_GRID",
+    "PAPER_GRID_XYZ",
     "CrossEntropyLoss",
     "DeepSupervisionLoss",
     "DiceCELoss",

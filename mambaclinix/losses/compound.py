@@ -44,7 +44,8 @@ class DiceCETverskyLoss(nn.Module):
         smooth_nr: Dice numerator smoothing (1e-5).
         smooth_dr: Dice denominator smoothing (1e-5).
         dice_convention: ``"nnunet"`` (−Dice, paper) or ``"monai"`` (1 − Dice).
-        num_regions: L_TRS grid (default the paper's 8×8×14); see :class:`RegionSpecificTverskyLoss`.
+        num_regions: L_TRS grid (default the paper's 8×8×14 in (z, y, x) array order; ``PAPER_GRID_XYZ``
+            on TorchIO arrays); see :class:`RegionSpecificTverskyLoss`.
         patch_size: derive the L_TRS grid from the patch size instead.
         region_size: cell width used with ``patch_size``.
         A: L_TRS α/β lower bound (0.3).

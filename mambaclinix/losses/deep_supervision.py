@@ -2,10 +2,11 @@
 
 Default weights (nnU-Net): ``w_i ∝ 2^−i`` for output i (0 = full resolution, outputs given finest first), the
 coarsest output set to 0, normalised to sum 1 — for 5 outputs ``8/15, 4/15, 2/15, 1/15, 0``. Targets are
-integer label maps downsampled by nearest neighbour to each output's shape with
-``F.interpolate(mode="nearest")``: source index ``floor(i · L_in / L_out)``, which for an integer factor s is
-the strided pick ``target[..., ::s]`` (the first voxel of each s-block; nnU-Net v2's ``"nearest-exact"``
-would pick the centre-right one instead).
+integer label maps resized with order 0 to each output's shape, as nnU-Net's
+``DownsampleSegForDSTransform2`` does (``skimage.transform.resize(order=0)``, i.e.
+``scipy.ndimage.zoom(order=0, grid_mode=True)``): output voxel i takes the input voxel nearest its centre,
+source index ``floor((i + 0.5) · L_in / L_out)`` (``F.interpolate(mode="nearest-exact")``). For a factor
+of 2 that is the second voxel of each pair, the centre-right one; not the strided pick ``target[..., ::s]``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def deep_supervision_weights(num_outputs: int) -> tuple[float, ...]:
 
 
 def downsample_labels(target: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a label map (or one-hot map) to ``spatial_shape``.
+    """Order-0 resize of a label map (or one-hot map) to ``spatial_shape``: each output voxel takes the input
+    voxel nearest its centre (``scipy.ndimage.zoom(order=0, grid_mode=True)``, as nnU-Net's deep-supervision
+    targets).
 
     Args:
         target: ``(B, *spatial)``, ``(B, 1, *spatial)`` or ``(B, K, *spatial)``; the trailing
@@ -56,7 +59,7 @@ def downsample_labels(target: torch.Tensor, spatial_shape: Sequence[int]) -> tor
         return target
     lead = target.shape[:-nsp]
     work = target if target.is_floating_point() else target.to(torch.float32)  # exact for labels < 2**24
-    y = F.interpolate(work.reshape(-1, 1, *target.shape[-nsp:]), size=size, mode="nearest")
+    y = F.interpolate(work.reshape(-1, 1, *target.shape[-nsp:]), size=size, mode="nearest-exact")
     y = y.to(target.dtype) if target.dtype != torch.bool else y > 0.5
     return y.reshape(*lead, *size)
 

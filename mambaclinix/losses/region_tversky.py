@@ -2,10 +2,11 @@
 
 For softmax probabilities ``p`` and one-hot labels ``g`` (no gradient), per voxel and class
 ``tp = p·g``, ``fp = p·(1−g)``, ``fn = (1−p)·g``. The patch is split into a fixed grid of cells (paper default
-8×8×14 in array axis order) and each statistic is averaged per cell with adaptive average pooling, so the
-cells follow ``AdaptiveAvgPool3d``'s boundaries: along an axis of length L split in n cells, cell i covers
-``[floor(i·L/n), ceil((i+1)·L/n))``. Per class c and cell r (TP, FP, FN are those cell means), with
-A = 0.3, B = 0.4, ε = 1e-5::
+8×8×14 in the authors' ``(z, y, x)`` array order, i.e. 14 cells along x: :data:`PAPER_GRID`; on TorchIO's
+``(x, y, z)`` arrays the same physical cells are :data:`PAPER_GRID_XYZ` = 14×8×8) and each statistic is
+averaged per cell with adaptive average pooling, so the cells follow ``AdaptiveAvgPool3d``'s boundaries:
+along an axis of length L split in n cells, cell i covers ``[floor(i·L/n), ceil((i+1)·L/n))``. Per class c
+and cell r (TP, FP, FN are those cell means), with A = 0.3, B = 0.4, ε = 1e-5::
 
     α = A + B·(FP + ε)/(FP + FN + ε),   β = A + B·(FN + ε)/(FP + FN + ε)
     TI = (TP + ε) / (TP + α·FP + β·FN + ε)
@@ -41,6 +42,9 @@ from mambaclinix.losses._utils import (
 )
 
 PAPER_GRID = (8, 8, 14)
+"""The authors' grid in their array order ``(z, y, x)`` (SimpleITK arrays): 14 cells along x."""
+PAPER_GRID_XYZ = (14, 8, 8)
+"""The same physical grid in TorchIO's ``(x, y, z)`` array order (this library's data pipeline)."""
 _POOLS = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
 
@@ -133,8 +137,10 @@ class RegionSpecificTverskyLoss(nn.Module):
     ``min(n, L)`` cells on such an axis instead (one voxel per cell, no overlap).
 
     Args:
-        num_regions: cells per spatial axis, array axis order. Default None: the paper's 8×8×14 (3-D),
-            unless ``patch_size`` is given. 2-D/1-D inputs need an explicit grid of matching length.
+        num_regions: cells per spatial axis, array axis order. Default None: :data:`PAPER_GRID` (8×8×14,
+            the authors' ``(z, y, x)`` arrays; pass :data:`PAPER_GRID_XYZ` for TorchIO's ``(x, y, z)``
+            arrays, as :class:`~mambaclinix.training.SegmentationModule` does), unless ``patch_size`` is
+            given. 2-D/1-D inputs need an explicit grid of matching length.
         patch_size: derive the grid from the full-resolution patch size instead (see
             :func:`grid_from_patch_size`: ``max(1, patch // region_size)`` per axis). Exclusive with
             ``num_regions``.

@@ -124,6 +124,9 @@ class MambaClinixEncoder(nn.Module):
         mamba_dt_rank: Mamba ``Δ`` rank, or ``"auto"`` (``ceil(C / 16)``).
         scan_backend: Selective-scan backend of the Mamba layers (``None``: the process default, see
             :mod:`mambaclinix.ops.backend`).
+        mamba_scan_order: Token order of the Mamba layers: ``"C"`` (last array axis fastest) or ``"F"``
+            (first array axis fastest, the authors' physical order on TorchIO's ``(x, y, z)`` arrays); see
+            :class:`~mambaclinix.layers.MambaLayer`. No parameters depend on it.
         spatial_dims: 3 (volumes) or 2 (slices).
         norm: Normalisation of the stem and the basic blocks: a name (``"instance"``, ``"batch"``,
             ``"group"``, ``"layer"``), a class, a partial or ``(name, kwargs)``, see
@@ -156,6 +159,7 @@ class MambaClinixEncoder(nn.Module):
         mamba_expand: int = 2,
         mamba_dt_rank: int | str = "auto",
         scan_backend: str | None = None,
+        mamba_scan_order: str = "C",
         spatial_dims: int = 3,
         norm: NormSpec = "instance",
         act: ActSpec = "leakyrelu",
@@ -211,6 +215,7 @@ class MambaClinixEncoder(nn.Module):
             expand=mamba_expand,
             dt_rank=mamba_dt_rank,
             scan_backend=scan_backend,
+            scan_order=mamba_scan_order,
         )
         self.stem = ConvNormAct(in_channels, features[0], kernel_size=kernels[0], **common)
         self.encoder_blocks = nn.ModuleList()

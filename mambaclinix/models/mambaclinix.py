@@ -143,6 +143,9 @@ class MambaClinixUNet(nn.Module):
         mamba_dt_rank: Mamba ``Δ`` rank, or ``"auto"`` (``ceil(C / 16)``).
         scan_backend: Selective-scan backend of the Mamba layers (``None``: the process default, see
             :mod:`mambaclinix.ops.backend`).
+        mamba_scan_order: Token order of the Mamba layers: ``"C"`` (last array axis fastest) or ``"F"``
+            (first array axis fastest, the authors' physical order on TorchIO's ``(x, y, z)`` arrays); see
+            :class:`~mambaclinix.layers.MambaLayer`. No parameters depend on it.
         spatial_dims: 3 (volumes) or 2 (slices).
         norm: Normalisation of the stem and of the basic and residual blocks: a name (``"instance"``,
             ``"batch"``, ``"group"``, ``"layer"``), a class, a partial or ``(name, kwargs)``, e.g.
@@ -179,6 +182,7 @@ class MambaClinixUNet(nn.Module):
         mamba_expand: int = 2,
         mamba_dt_rank: int | str = "auto",
         scan_backend: str | None = None,
+        mamba_scan_order: str = "C",
         spatial_dims: int = 3,
         norm: NormSpec = "instance",
         act: ActSpec = "leakyrelu",
@@ -210,6 +214,7 @@ class MambaClinixUNet(nn.Module):
             mamba_expand=mamba_expand,
             mamba_dt_rank=mamba_dt_rank,
             scan_backend=scan_backend,
+            mamba_scan_order=mamba_scan_order,
             spatial_dims=spatial_dims,
             norm=norm,
             act=act,

@@ -24,6 +24,7 @@ _LAZY = {
     "PlanningError": "mambaclinix.planning.planner",
     "choose_patch_and_batch": "mambaclinix.planning.planner",
     "plan_dataset": "mambaclinix.planning.planner",
+    "uses_batch_dice": "mambaclinix.planning.planner",
     "write_plan": "mambaclinix.planning.render",
 }
 

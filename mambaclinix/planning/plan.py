@@ -30,6 +30,8 @@ class DatasetPlan:
     foreground_probability: float
     memory: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)
+    #: batch Dice for Dice and L_TRS (nnU-Net's rule, :func:`~mambaclinix.planning.planner.uses_batch_dice`)
+    batch_dice: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,8 @@
    what covers ``max_dataset_fraction`` (5%) of the dataset's voxels, and at least ``min_batch_size``.
 6. **Network**: channels ``min(base · 2**s, max_features)``, HGCN at stages ``s < ceil(n/2)`` and Mamba at
    the others (the adaptive stage-wise rule), foreground oversampling 1/3 (nnU-Net).
+7. **Batch Dice** (:func:`uses_batch_dice`): on when the patch covers less than a quarter of the median
+   image, where nnU-Net v2 adds a 3d_lowres configuration and trains 3d_fullres with batch Dice.
 
 The usable budget is ``safety · (memory_gb − reserve_gb)`` GiB; the peak is predicted by the fitted memory
 model of :mod:`mambaclinix.planning.memory` for the device and precision. :func:`write_plan`
@@ -54,7 +56,40 @@ from mambaclinix.planning.topology import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DatasetPlan", "PlanningError", "choose_patch_and_batch", "plan_dataset", "write_plan"]
+__all__ = [
+    "LOWRES_CREATION_THRESHOLD",
+    "DatasetPlan",
+    "PlanningError",
+    "choose_patch_and_batch",
+    "plan_dataset",
+    "uses_batch_dice",
+    "write_plan",
+]
+
+LOWRES_CREATION_THRESHOLD = 0.25
+"""nnU-Net v2's ``lowres_creation_threshold``: a 3d_lowres configuration is made when the full-resolution
+patch holds fewer voxels than this fraction of the median image."""
+
+
+def uses_batch_dice(patch_size: Sequence[int], median_shape: Sequence[float]) -> bool:
+    """nnU-Net v2's batch-Dice choice for the full-resolution configuration.
+
+    nnU-Net's experiment planner adds a 3d_lowres configuration when ``prod(patch_size) /
+    prod(median_shape) < 0.25`` (the patch sees less than a quarter of a typical image, e.g. abdominal CT)
+    and then trains 3d_fullres with ``batch_dice=True``; otherwise 3d_fullres has ``batch_dice=False``.
+
+    Args:
+        patch_size: the planned patch, voxels per axis.
+        median_shape: the median image shape at the target spacing (after cropping).
+    """
+    patch = math.prod(float(p) for p in patch_size)
+    median = math.prod(float(m) for m in median_shape)
+    if patch <= 0 or median <= 0:
+        raise ValueError(
+            f"patch_size {tuple(patch_size)} and median_shape {tuple(median_shape)} must be positive"
+        )
+    return patch / median < LOWRES_CREATION_THRESHOLD
+
 
 ACCELERATORS = ("gpu", "cpu")
 DEFAULT_MEMORY_GB = {"gpu": 24.0, "cpu": 8.0}
@@ -404,6 +439,7 @@ def plan_dataset(
         foreground_probability=float(foreground_probability),
         memory=memory,
         training=training,
+        batch_dice=uses_batch_dice(topo.patch_size, median_shape),
     )
     logger.info(
         "plan: spacing %s, patch %s, batch %d, %d stages, predicted peak %.2f GiB of %.2f usable",

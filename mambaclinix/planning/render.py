@@ -83,6 +83,11 @@ def config_text(plan: DatasetPlan, plan_path: str | Path | None = None) -> str:
                 f"{net['n_stages']} stages, HGCN at s < {net['n_hgcn_stages']}, Mamba after; "
                 f"{aniso} stage(s) with a size-1 kernel axis; {net['parameters']:,} parameters",
             ),
+            (
+                "batch_dice",
+                plan.batch_dice,
+                "nnU-Net: on when the patch holds < 25% of the median image (it would add a 3d_lowres)",
+            ),
             ("lr", 1e-4 if mem["accelerator"] == "gpu" else 1e-3, ""),
             ("channels_last", tr["channels_last"], ""),
         ],

@@ -6,6 +6,10 @@ weight decay 1e-5, lr 1e-4, eps 1e-5, poly schedule ``lr·(1 − progress)^0.9``
 evaluation by Gaussian-weighted sliding window (σ = patch/8, overlap 0.5), optional mirror test-time
 augmentation. Gradient clipping (12) and mixed precision are Trainer settings (``gradient_clip_val``,
 ``precision``); the Mamba layers run in float32 regardless.
+
+Axis order: the authors' arrays are SimpleITK's ``(z, y, x)``; this library's are TorchIO's ``(x, y, z)``.
+``array_axes`` makes the Mamba layers scan and the L_TRS cells cover the same physical voxels as theirs
+(``docs/architecture.md``, "Axis order").
 """
 
 from __future__ import annotations
@@ -22,12 +26,17 @@ import torch
 from torch import nn
 
 from mambaclinix.inference import sliding_window_inference
-from mambaclinix.losses import DeepSupervisionLoss, DiceCETverskyLoss
+from mambaclinix.layers import MambaLayer
+from mambaclinix.losses import PAPER_GRID, PAPER_GRID_XYZ, DeepSupervisionLoss, DiceCETverskyLoss
 from mambaclinix.metrics import PerClassDice, per_class_dice, per_class_hd95, per_class_nsd
 from mambaclinix.models import create_model
 from mambaclinix.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
+
+#: ``array_axes`` → (Mamba scan order, L_TRS grid) that reproduce the authors' physical order: x fastest,
+#: 14 cells along x.
+ARRAY_AXES = {"xyz": ("F", PAPER_GRID_XYZ), "zyx": ("C", PAPER_GRID)}
 
 
 class SegmentationModule(L.LightningModule):
@@ -43,14 +52,29 @@ class SegmentationModule(L.LightningModule):
         class_names: names of classes 1..K-1 for logs and tables (linked from the data module).
         patch_size: training patch and sliding-window size ``(D, H, W)`` (linked from the data module).
         loss_kwargs: arguments of :class:`~mambaclinix.losses.DiceCETverskyLoss` (``lambda_ce``,
-            ``lambda_dice``, ``lambda_trs``, ``num_regions``, ...).
+            ``lambda_dice``, ``lambda_trs``, ``num_regions``, ...). ``{"lambda_trs": 0}`` is the authors'
+            default trainer (CE + Dice); the default is their L_TRS variant (CE + Dice + 0.8·L_TRS).
+        array_axes: the order of the physical axes in the arrays: ``"xyz"`` (TorchIO, this library's data
+            pipeline) or ``"zyx"`` (SimpleITK/nnU-Net arrays). It sets the token order of every
+            :class:`~mambaclinix.layers.MambaLayer` in the network (``"F"`` for ``"xyz"``, ``"C"`` for
+            ``"zyx"``: x fastest either way, as the authors' layers scan) and the default L_TRS grid
+            (:data:`~mambaclinix.losses.PAPER_GRID_XYZ` = 14×8×8 or :data:`~mambaclinix.losses.PAPER_GRID`
+            = 8×8×14: 14 cells along x either way). An explicit ``net_kwargs["mamba_scan_order"]`` or
+            ``loss_kwargs["num_regions"]``/``["patch_size"]`` takes precedence. A checkpoint saved before
+            this option existed keeps the order it was trained with (last array axis fastest).
+        batch_dice: "batch Dice" for the soft Dice and L_TRS terms (statistics summed over the batch).
+            ``mambaclinix plan`` decides it as nnU-Net does (on when the patch covers less than a quarter
+            of the median image, where nnU-Net adds a 3d_lowres configuration) and writes it into its
+            config.
         deep_supervision_weights: per-output weights, finest first; ``None`` for nnU-Net's.
         lr: Adam learning rate.
         weight_decay: Adam's coupled L2 weight decay (as the paper's nnU-Net trainer).
         adam_eps: Adam's epsilon.
-        poly_power: exponent of the poly schedule ``lr·(1 − step/total)^power`` over the Trainer's total
-            optimizer steps (``max_epochs`` × batches, or ``max_steps``); nnU-Net steps it per epoch, which
-            differs only in granularity.
+        poly_power: exponent of the poly schedule ``lr·(1 − step/total)^power``.
+        poly_interval: ``"step"``: the schedule runs over the Trainer's total optimizer steps
+            (``max_epochs`` × batches, or ``max_steps``) and changes every step; ``"epoch"``: it runs over
+            ``max_epochs`` and changes once per epoch, ``lr·(1 − epoch/max_epochs)^power``, as nnU-Net's
+            trainer steps it (the named recipes use this).
         sw_batch_size: windows per network call in the sliding window of validation, test and predict.
         sw_overlap: overlap of neighbouring windows, a fraction of the window size.
         mirror_tta: average the predictions over mirrored inputs (test-time augmentation).
@@ -69,11 +93,14 @@ class SegmentationModule(L.LightningModule):
         class_names: Sequence[str] | None = None,
         patch_size: Sequence[int] = (64, 64, 64),
         loss_kwargs: dict[str, Any] | None = None,
+        array_axes: str = "xyz",
+        batch_dice: bool = False,
         deep_supervision_weights: Sequence[float] | None = None,
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
         adam_eps: float = 1e-5,
         poly_power: float = 0.9,
+        poly_interval: str = "step",
         sw_batch_size: int = 2,
         sw_overlap: float = 0.5,
         mirror_tta: bool = False,
@@ -91,9 +118,19 @@ class SegmentationModule(L.LightningModule):
             names = names[1:]
         if len(names) != num_classes - 1:
             raise ValueError(f"class_names must name the {num_classes - 1} foreground classes, got {names}")
+        if poly_interval not in ("step", "epoch"):
+            raise ValueError(f"poly_interval must be 'step' or 'epoch', got {poly_interval!r}")
+        if array_axes not in ARRAY_AXES:
+            raise ValueError(
+                f"array_axes must be 'xyz' (TorchIO arrays) or 'zyx' (SimpleITK), got {array_axes!r}"
+            )
         self.save_hyperparameters(ignore=["net"] if isinstance(net, nn.Module) else None)
+        scan_order, grid = ARRAY_AXES[array_axes]
         if isinstance(net, str):
-            net = create_model(net, in_channels=in_channels, out_channels=num_classes, **(net_kwargs or {}))
+            kwargs = {"mamba_scan_order": scan_order, **(net_kwargs or {})}
+            net = create_model(net, in_channels=in_channels, out_channels=num_classes, **kwargs)
+        else:
+            set_scan_order(net, scan_order)
         self.net = net
         self.class_names = names
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -105,7 +142,14 @@ class SegmentationModule(L.LightningModule):
                     f"patch_size {self.patch_size} must be a multiple of the network's size divisor "
                     f"{tuple(div)}"
                 )
-        self.loss = DeepSupervisionLoss(DiceCETverskyLoss(**(loss_kwargs or {})), deep_supervision_weights)
+        loss_kwargs = dict(loss_kwargs or {})
+        if "num_regions" not in loss_kwargs and "patch_size" not in loss_kwargs:
+            loss_kwargs["num_regions"] = grid
+        if bool(loss_kwargs.setdefault("batch", batch_dice)) != bool(batch_dice):
+            raise ValueError(
+                f"batch_dice={batch_dice} contradicts loss_kwargs['batch']={loss_kwargs['batch']}; set one"
+            )
+        self.loss = DeepSupervisionLoss(DiceCETverskyLoss(**loss_kwargs), deep_supervision_weights)
         self.val_dice = PerClassDice(num_classes, average="none")
         self._predictions_dir: Path | None = None
 
@@ -140,7 +184,13 @@ class SegmentationModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                eps=self.hparams.adam_eps)  # fmt: skip
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        by_epoch = self.hparams.get("poly_interval", "step") == "epoch"
+        if self._trainer is None:
+            total = float("inf")
+        elif by_epoch:
+            total = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else float("inf")
+        else:
+            total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total < 1:
             return opt  # no known training length: constant learning rate
         power, total = self.hparams.poly_power, int(total)
@@ -149,12 +199,23 @@ class SegmentationModule(L.LightningModule):
             return max(0.0, 1.0 - step / total) ** power
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        interval = "epoch" if by_epoch else "step"
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained for another channel or class count, with a message saying so
         (instead of PyTorch's size-mismatch list), and one holding non-finite weights."""
         saved = dict(checkpoint.get("hyper_parameters") or {})
+        if (
+            saved
+            and "array_axes" not in saved
+            and "mamba_scan_order" not in (self.hparams.get("net_kwargs") or {})
+        ):
+            # saved before array_axes existed: its Mamba layers learned with the last array axis fastest
+            log.warning(
+                "checkpoint predates array_axes: its Mamba layers keep scanning the last array axis fastest"
+            )
+            set_scan_order(self.net, "C")
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         which = f"checkpoint {path}" if path else "the checkpoint"
         state, own = checkpoint.get("state_dict") or {}, self.state_dict()
@@ -188,12 +249,15 @@ class SegmentationModule(L.LightningModule):
     def _first(self, out):
         return out[0] if isinstance(out, (list, tuple)) else out
 
-    def predict_volume(self, image: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor:
-        """Softmax probabilities ``(B, K, *spatial)`` of whole volumes ``(B, C, *spatial)`` of any size, by
-        Gaussian sliding window (axes shorter than the patch are padded and cropped back).
+    def predict_logits(self, image: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor:
+        """Logits ``(B, K, *spatial)`` of whole volumes ``(B, C, *spatial)`` of any size.
+
+        The Gaussian-weighted average of the windows' logits (and of their mirrored predictions with
+        ``mirror_tta``), as nnU-Net v2 stitches; axes shorter than the patch are padded and cropped back.
+        The argmax of the result is the segmentation, its softmax the probabilities (:meth:`predict_volume`).
 
         Raises:
-            ValueError: ``C`` differs from the model's ``in_channels``, or the probabilities are not finite
+            ValueError: ``C`` differs from the model's ``in_channels``, or the logits are not finite
                 (NaN/inf in the image or the weights), which would otherwise argmax to background silently;
                 the message names ``names``.
         """
@@ -206,25 +270,29 @@ class SegmentationModule(L.LightningModule):
                 "dataset (another channel count)?"
             )
         # The paper's (nnU-Net's) recipe, passed explicitly: the function has MONAI's defaults.
-        probs = sliding_window_inference(
-            image, self.patch_size, hp.sw_batch_size,
-            lambda p: torch.softmax(self._first(self(p)).float(), dim=1),  # stitch probabilities
+        logits = sliding_window_inference(
+            image, self.patch_size, hp.sw_batch_size, lambda p: self._first(self(p)).float(),
             overlap=hp.sw_overlap, mode="gaussian", sigma_scale=0.125,
             mirror_axes=(0, 1, 2) if hp.mirror_tta else None,
         )  # fmt: skip
-        if not bool(torch.isfinite(probs.sum())):
+        if not bool(torch.isfinite(logits.sum())):
             which = f"case(s) {', '.join(map(str, names))}" if names else "the volume"
             where = "the image" if not bool(torch.isfinite(image).all()) else "the network output"
             raise ValueError(
-                f"{which}: the predicted probabilities are not finite (non-finite values in {where}); "
+                f"{which}: the predicted logits are not finite (non-finite values in {where}); "
                 "no prediction is written for it"
             )
-        return probs
+        return logits
+
+    def predict_volume(self, image: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor:
+        """Softmax probabilities ``(B, K, *spatial)`` of whole volumes: the softmax of :meth:`predict_logits`
+        (which raises ``ValueError`` on a wrong channel count or non-finite logits)."""
+        return torch.softmax(self.predict_logits(image, names), dim=1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if _is_padding(batch):
             return
-        pred = self.predict_volume(batch["image"], batch.get("name")).argmax(1, keepdim=True)
+        pred = self.predict_logits(batch["image"], batch.get("name")).argmax(1, keepdim=True)
         self.val_dice.update(pred, batch["label"])
 
     def on_validation_epoch_end(self) -> None:
@@ -251,7 +319,7 @@ class SegmentationModule(L.LightningModule):
             raise ValueError("test needs reference labels; use predict for images without labels")
         if _is_padding(batch):
             return
-        pred = self.predict_volume(batch["image"], batch.get("name")).argmax(1, keepdim=True)
+        pred = self.predict_logits(batch["image"], batch.get("name")).argmax(1, keepdim=True)
         label = batch["label"]
         K = self.hparams.num_classes
         metas = batch.get("meta") or [{}] * pred.shape[0]
@@ -300,10 +368,11 @@ class SegmentationModule(L.LightningModule):
         out_dir = self._predictions_dir or self._output_dir() / "predictions"
         if _is_padding(batch):
             return []
-        probs = self.predict_volume(batch["image"], batch.get("name"))
+        # as nnU-Net exports: the logits are resampled to the original grid, then argmaxed
+        logits = self.predict_logits(batch["image"], batch.get("name"))
         written = []
         for i, meta in enumerate(batch["meta"]):
-            full = invert_to_original(probs[i].cpu(), meta)
+            full = invert_to_original(logits[i].cpu(), meta)
             labels = full.argmax(0).to(torch.uint8 if self.hparams.num_classes < 256 else torch.int16)
             ref = Path(meta["image_paths"][0])
             path = out_dir / f"{batch['name'][i]}{output_extension(ref)}"
@@ -325,6 +394,14 @@ class SegmentationModule(L.LightningModule):
             path = Path(log_dir or ".")
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def set_scan_order(net: nn.Module, scan_order: str) -> None:
+    """Set the token order (``"C"`` or ``"F"``) of every :class:`~mambaclinix.layers.MambaLayer` in a
+    network."""
+    for module in net.modules():
+        if isinstance(module, MambaLayer):
+            module.scan_order = scan_order
 
 
 def _is_padding(batch: dict) -> bool:
