@@ -611,7 +611,6 @@ def _datamodule(root: Path, tmp_path: Path, **kwargs) -> SegmentationDataModule:
         patch_size=(16, 16, 16),
         batch_size=2,
         samples_per_volume=2,
-        queue_length=8,
         num_workers=0,
         val_fraction=0.25,
         target_spacing=(1.5, 1.5, 1.5),
@@ -733,7 +732,7 @@ def test_datamodule_from_a_manifest(tmp_path, mr_dataset):
         )
     manifest = _write_manifest(tmp_path / "m.csv", rows, ["image", "label", "split"])
     dm = SegmentationDataModule(
-        manifest=str(manifest), patch_size=(8, 8, 8), samples_per_volume=1, queue_length=4, num_workers=0,
+        manifest=str(manifest), patch_size=(8, 8, 8), samples_per_volume=1, num_workers=0,
         augment=False, target_spacing=(2.0, 2.0, 2.0),
     )  # fmt: skip
     assert (dm.num_channels, dm.num_classes) == (1, 3)
