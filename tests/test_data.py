@@ -657,6 +657,25 @@ def test_datamodule_training_is_deterministic(v2_dataset, tmp_path):
     assert not all(torch.equal(x["image"], y["image"]) for x, y in zip(a, c, strict=True))
 
 
+def test_training_batches_do_not_depend_on_the_worker_count(v2_dataset, tmp_path):
+    def batches(workers):
+        dm = _datamodule(v2_dataset, tmp_path, num_workers=workers, iterations_per_epoch=3)
+        dm.prepare_data()
+        dm.setup("fit")
+        return list(dm.train_dataloader())
+
+    for x, y in zip(batches(0), batches(2), strict=True):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+        assert x["name"] == y["name"]
+
+
+def test_queue_length_is_deprecated_and_oversampling_checked(v2_dataset, tmp_path):
+    with pytest.warns(FutureWarning, match="queue_length"):
+        _datamodule(v2_dataset, tmp_path, queue_length=64)
+    with pytest.raises(ValueError, match="oversampling"):
+        _datamodule(v2_dataset, tmp_path, oversampling="queue")
+
+
 def test_split_is_deterministic_and_disjoint(v2_dataset, tmp_path):
     names = lambda cases: [c.name for c in cases]  # noqa: E731
     train, val = _datamodule(v2_dataset, tmp_path, val_fraction=0.5).split()
