@@ -55,15 +55,18 @@ def crop_padded(volume: np.ndarray, start: Sequence[int], size: Sequence[int]) -
     return out
 
 
-def _interpolate_labels(crop: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
+def _interpolate_labels(
+    crop: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shape, order: int
+) -> np.ndarray:
     if order == 0:
-        return ndimage.map_coordinates(crop, coords, order=0, mode="constant", cval=0)
-    out = np.zeros(coords.shape[1:], dtype=crop.dtype)
-    for value in np.unique(crop):
+        return ndimage.affine_transform(crop, matrix, offset, output_shape=shape, order=0, mode="constant")
+    out = np.zeros(shape, dtype=crop.dtype)
+    for value in np.unique(crop):  # increasing: a tie at 0.5 goes to the larger label, as in batchgenerators
         if value == 0:
             continue
-        weight = ndimage.map_coordinates(
-            (crop == value).astype(np.float32), coords, order=order, mode="constant"
+        mask = (crop == value).astype(np.float32)
+        weight = ndimage.affine_transform(
+            mask, matrix, offset, output_shape=shape, order=order, mode="constant"
         )
         out[weight >= 0.5] = value
     return out
@@ -86,21 +89,26 @@ def spatial_patch(
         ``(image patch float32 (C, *patch_size), label patch (1, *patch_size) or None)``.
     """
     size = np.asarray(patch_size, dtype=np.int64)
-    offsets = [np.arange(n, dtype=np.float64) - (n - 1) / 2 for n in size]
-    corners = np.array(np.meshgrid(*[[o[0], o[-1]] for o in offsets], indexing="ij")).reshape(3, -1)
-    reach = matrix @ corners + np.asarray(centre, dtype=np.float64)[:, None]
+    shape = tuple(size.tolist())
+    half = (size - 1) / 2
+    corners = np.array(np.meshgrid(*[[-h, h] for h in half], indexing="ij")).reshape(3, -1)
+    centre = np.asarray(centre, dtype=np.float64)
+    reach = matrix @ corners + centre[:, None]
     margin = max(_MARGIN[image_order], _MARGIN[label_order] if label is not None else 0)
     lo = np.floor(reach.min(axis=1)).astype(np.int64) - margin
     hi = np.ceil(reach.max(axis=1)).astype(np.int64) + margin + 1
-    grid = np.stack(np.meshgrid(*offsets, indexing="ij")).reshape(3, -1)
-    coords = (matrix @ grid + (np.asarray(centre, dtype=np.float64) - lo)[:, None]).reshape(3, *size.tolist())
+    offset = centre - lo - matrix @ half  # patch voxel k samples the crop at matrix @ k + offset
     crop = crop_padded(image, lo, hi - lo)
-    out = np.empty((image.shape[0], *size.tolist()), dtype=np.float32)
+    out = np.empty((image.shape[0], *shape), dtype=np.float32)
     for c in range(image.shape[0]):
-        out[c] = ndimage.map_coordinates(
-            crop[c].astype(np.float32, copy=False), coords, order=image_order, mode="constant", cval=0.0
-        )
+        ndimage.affine_transform(
+            crop[c].astype(np.float32, copy=False), matrix, offset, output_shape=shape, output=out[c],
+            order=image_order, mode="constant", cval=0.0,
+        )  # fmt: skip
     label_out = None
     if label is not None:
-        label_out = _interpolate_labels(crop_padded(label, lo, hi - lo)[0], coords, label_order)[None]
+        label_out = _interpolate_labels(
+            crop_padded(label, lo, hi - lo)[0], matrix, offset, shape, label_order
+        )
+        label_out = label_out[None]
     return out, label_out
