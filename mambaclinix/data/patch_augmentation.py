@@ -9,8 +9,9 @@ in this order, with these probabilities (defaults):
 rotation, each axis U(±30°)                        0.2    one resampling with the scaling, on the
 isotropic scaling, half the draws in [0.7, 1),     0.2    enlarged crop the rotated/scaled patch needs
 half in [1, 1.4]                                          (:func:`~mambaclinix.data.spatial.spatial_patch`);
-                                                          cubic spline for images, per-label linear for
-                                                          labels, zeros outside the volume
+                                                          cubic spline for images, nearest for labels
+                                                          (``label_order=1``: per-label linear, as
+                                                          nnU-Net v2.1), zeros outside the volume
 Gaussian noise, std U(0, 0.1)                      0.1    :func:`~mambaclinix.data.intensity.gaussian_noise`
 Gaussian blur, σ U(0.5, 1) per channel (p 0.5)     0.2    :func:`~mambaclinix.data.intensity.gaussian_blur`
 brightness × U(0.75, 1.25) per channel             0.15   :func:`~mambaclinix.data.intensity.brightness`
@@ -64,7 +65,9 @@ class PatchAugmentation:
 
     Probabilities are per patch (``p_mirror`` per axis); ``*_p_per_channel`` per channel once the
     transform fires. ``image_order`` / ``label_order`` are the interpolation orders of the rotation and
-    scaling (3 and 1 in nnU-Net v2.1; ``label_order=0`` is nearest).
+    scaling: images 3 (cubic spline, as nnU-Net v2.1); labels 0 (nearest, the default: one gather) or 1
+    (each label value interpolated linearly and kept where it reaches 0.5, nnU-Net v2.1's
+    ``order_seg=1``, one interpolation per label value in the crop).
     """
 
     p_rotation: float = 0.2
@@ -73,7 +76,7 @@ class PatchAugmentation:
     p_scaling: float = 0.2
     scaling: tuple[float, float] = (0.7, 1.4)
     image_order: int = 3
-    label_order: int = 1
+    label_order: int = 0
     p_noise: float = 0.1
     noise_std: tuple[float, float] = (0.0, 0.1)
     p_blur: float = 0.2

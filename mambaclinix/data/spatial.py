@@ -79,7 +79,7 @@ def spatial_patch(
     patch_size: Sequence[int],
     matrix: np.ndarray,
     image_order: int = 3,
-    label_order: int = 1,
+    label_order: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The patch of ``patch_size`` around ``centre`` (volume voxel coordinates, may be fractional),
     sampled through ``matrix`` (3×3, patch offsets → volume offsets) from ``image`` ``(C, *spatial)``
