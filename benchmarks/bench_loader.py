@@ -12,14 +12,17 @@ Both pipelines read the same synthetic preprocessed case from a cache-format fol
   volume, cuts the enlarged crop its rotation/scaling needs, and gets nnU-Net's full augmentation on its
   own (:class:`~mambaclinix.data.patch_augmentation.PatchAugmentation`), batch-wise foreground
   oversampling;
+* **per-patch, linear**: the same with ``PatchAugmentation(image_order=1)`` (trilinear instead of
+  nnU-Net's cubic spline in the rotation/scaling), to show what the cubic interpolation costs;
 * **whole-volume** (the earlier pipeline, rebuilt here from its parts for the comparison): each subject
   load reads the whole volume, augments it once with ``nnunet_augmentation()`` (TorchIO, linear
   interpolation) and cuts ``--samples-per-volume`` patches with ``ForegroundOversamplingSampler``, as the
   ``tio.Queue`` workers did.
 
-The two are interleaved: each round times one subject load of the whole-volume pipeline (its
-``samples_per_volume`` patches) and then as many per-patch patches, so that load on the machine hits both
-alike. Patches per second = patches / summed time over all rounds; the ratio is per-patch / whole-volume.
+The variants are interleaved: each round times one subject load of the whole-volume pipeline (its
+``samples_per_volume`` patches) and then as many patches of each per-patch variant, so that load on the
+machine hits all alike. Patches per second = patches / summed time over all rounds; ratios are against
+the whole-volume pipeline.
 """
 
 from __future__ import annotations
@@ -78,14 +81,18 @@ def bench(patch: int, volume: tuple[int, int, int], rounds: int, samples_per_vol
     size = (patch,) * 3
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_case(Path(tmp) / "case", volume, seed)
-        stream = PatchStream([_subject(folder)], patch_size=size, batch_size=2,
-                             samples_per_volume=samples_per_volume, seed=seed,
-                             augmentation=PatchAugmentation())  # fmt: skip
-        stream[0]  # warm-up: memory map, foreground locations
+        streams = {
+            name: PatchStream([_subject(folder)], patch_size=size, batch_size=2,
+                              samples_per_volume=samples_per_volume, seed=seed, augmentation=augmentation)
+            for name, augmentation in (("per-patch", PatchAugmentation()),
+                                       ("per-patch, linear", PatchAugmentation(image_order=1)))
+        }  # fmt: skip
+        for stream in streams.values():
+            stream[0]  # warm-up: memory map, foreground locations
         sampler = ForegroundOversamplingSampler(size, 1 / 3, seed=seed)
         transform = nnunet_augmentation()
-        times = {"per-patch": 0.0, "whole-volume": 0.0}
-        count = {"per-patch": 0, "whole-volume": 0}
+        times = dict.fromkeys(["whole-volume", *streams], 0.0)
+        count = dict.fromkeys(["whole-volume", *streams], 0)
         torch.manual_seed(seed)
         for r in range(rounds):
             start = time.perf_counter()
@@ -94,12 +101,13 @@ def bench(patch: int, volume: tuple[int, int, int], rounds: int, samples_per_vol
             assert patches[-1]["image"].data.shape[1:] == size
             times["whole-volume"] += time.perf_counter() - start
             count["whole-volume"] += samples_per_volume
-            start = time.perf_counter()
-            for i in range(samples_per_volume):
-                item = stream[1 + r * samples_per_volume + i]
-            assert item["image"].shape[1:] == size
-            times["per-patch"] += time.perf_counter() - start
-            count["per-patch"] += samples_per_volume
+            for name, stream in streams.items():  # the same patch indices: the same draws
+                start = time.perf_counter()
+                for i in range(samples_per_volume):
+                    item = stream[1 + r * samples_per_volume + i]
+                assert item["image"].shape[1:] == size
+                times[name] += time.perf_counter() - start
+                count[name] += samples_per_volume
     rate = {k: count[k] / times[k] for k in times}
     return {
         "patch": patch,
@@ -107,7 +115,7 @@ def bench(patch: int, volume: tuple[int, int, int], rounds: int, samples_per_vol
         "patches": count,
         "seconds": times,
         "patches_per_s": rate,
-        "ratio_per_patch_vs_whole_volume": rate["per-patch"] / rate["whole-volume"],
+        "ratio_vs_whole_volume": {k: rate[k] / rate["whole-volume"] for k in rate},
     }
 
 
@@ -140,12 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
         volume = (edge, edge, int(round(edge * 0.85)))
         result = bench(patch, volume, args.rounds, args.samples_per_volume, args.seed)
         results.append(result)
-        rate = result["patches_per_s"]
-        print(
-            f"patch {patch}³ (volume {volume}): per-patch {rate['per-patch']:.2f} patches/s, "
-            f"whole-volume {rate['whole-volume']:.2f} patches/s, ratio "
-            f"{result['ratio_per_patch_vs_whole_volume']:.2f} ({result['patches']['per-patch']} patches each)"
-        )
+        for name, rate in result["patches_per_s"].items():
+            ratio = result["ratio_vs_whole_volume"][name]
+            print(
+                f"patch {patch}³ (volume {volume}), {name}: {rate:.2f} patches/s, {ratio:.2f}× whole-volume"
+            )
     out = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=1))

@@ -78,7 +78,7 @@ def _volume(subject: tio.Subject, key: str) -> np.ndarray | None:
 
 
 def _locations(label: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndarray]:
-    """Voxel indices ``(n, 3)`` per foreground class (at most ``max(10000, ceil(1 %))`` per class)."""
+    """Flat voxel indices per foreground class (at most ``max(10000, ceil(1 %))`` per class)."""
     flat = np.asarray(label).reshape(-1)
     where = np.flatnonzero(flat > 0)
     values = flat[where]
@@ -88,7 +88,7 @@ def _locations(label: np.ndarray, rng: np.random.Generator) -> dict[int, np.ndar
         keep = max(min(_MAX_LOCATIONS, len(chosen)), math.ceil(len(chosen) * 0.01))
         if keep < len(chosen):
             chosen = np.sort(rng.choice(chosen, keep, replace=False))
-        out[int(value)] = np.stack(np.unravel_index(chosen, label.shape[1:]), axis=1)
+        out[int(value)] = chosen.astype(np.int64)
     return out
 
 
@@ -175,7 +175,7 @@ class PatchStream(Dataset):
         if forced and foreground:
             classes = sorted(foreground)
             voxels = foreground[classes[int(rng.integers(len(classes)))]]
-            voxel = voxels[int(rng.integers(len(voxels)))]
+            voxel = np.array(np.unravel_index(int(voxels[int(rng.integers(len(voxels)))]), tuple(shape)))
             return np.clip(voxel - size // 2, low, high)
         return np.array([int(rng.integers(a, b + 1)) for a, b in zip(low, high, strict=True)])
 
@@ -301,6 +301,7 @@ def patch_loader(
         batch_size=batch_size,
         sampler=StreamSampler(stream, batches * batch_size),
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,  # workers keep their memory maps and foreground locations
         collate_fn=collate_patches,
         on_iter=on_iter,
         module=module,
