@@ -12,6 +12,7 @@ written.
 """
 
 from mambaclinix.inference.geometry import invert_to_original
+from mambaclinix.inference.segment import ensemble_probabilities, label_dtype, labels_on_original_grid
 from mambaclinix.inference.sliding_window import (
     gaussian_importance_map,
     sliding_window_inference,
@@ -30,8 +31,11 @@ __all__ = [
     "OUTPUT_EXTENSIONS",
     "SUPPORTED_EXTENSIONS",
     "ImageGeometry",
+    "ensemble_probabilities",
     "gaussian_importance_map",
     "invert_to_original",
+    "label_dtype",
+    "labels_on_original_grid",
     "output_extension",
     "read_image_geometry",
     "sliding_window_inference",
