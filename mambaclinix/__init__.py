@@ -27,9 +27,8 @@ __all__ = [
     "MambaClinixUNet",
     "create_model",
     "list_models",
-    "load_model",
-    "Predictor",
     "__version__",
+    *_LAZY,
 ]
 
 

@@ -24,7 +24,7 @@ _LAZY = {
     "read_package": "mambaclinix.deploy.package",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [*_LAZY]
 
 
 def __getattr__(name: str):
