@@ -319,3 +319,26 @@ def test_single_channel_plain_file_names_are_cases_of_their_own(tmp_path):
     (tmp_path / "brain1_0000.nrrd").write_bytes(b"")
     with pytest.raises(ValueError, match="two cases are named 'brain1'"):
         find_images(tmp_path, num_channels=1, per_channel_files=True)
+
+
+def test_shipped_configs_log_with_a_logger_that_keeps_earlier_metrics():
+    """Lightning's CSVLogger deletes metrics.csv when a later command (predict, test, a resumed fit) starts in
+    the run folder; every configuration we ship uses AppendingCSVLogger instead."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    configs = sorted((root / "mambaclinix" / "configs").glob("*.yaml")) + sorted(
+        (root / "examples" / "configs").glob("*.yaml")
+    )
+    assert configs
+    for path in configs:
+        loggers = (yaml.safe_load(path.read_text()).get("trainer") or {}).get("logger") or []
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            cls = logger.get("class_path", "") if isinstance(logger, dict) else str(logger)
+            assert not cls.endswith(".CSVLogger") or "Appending" in cls, f"{path.name}: {cls}"
+
+
+def test_the_command_list_names_export():
+    from mambaclinix.cli import usage
+
+    assert "export" in usage() and "-i IN -o OUT -m MODEL" in usage()

@@ -84,10 +84,7 @@ class Predictor:
 
     def _network(self, fold: int):
         if self.engine == "torch":
-            net = self.package.network(fold).to(self.device)
-            if self.device.type == "cpu":
-                net = net.to(memory_format=torch.channels_last_3d)
-            return net
+            return self.package.network(fold).to(self.device)
         OnnxNetwork = import_onnx_module().OnnxNetwork  # noqa: N806
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mambaclinix-onnx-")
@@ -106,7 +103,8 @@ class Predictor:
         return sorted(labels, key=labels.get)
 
     def _forward(self, net):
-        channels_last = self.engine == "torch" and self.device.type == "cpu"
+        # as the training module feeds it (channels_last_3d), so that the logits are the same numbers
+        channels_last = self.engine == "torch"
 
         def run(x: torch.Tensor):
             if channels_last:
