@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from _synthetic import make_dataset
 
 from mambaclinix.cli import main
+from mambaclinix.deploy import read_package
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--data.patch_size=[16,16,16]", "--data.num_workers=0", "--data.samples_per_volume=2",
@@ -37,6 +38,12 @@ def test_an_exported_package_predicts_as_the_lightning_cli_without_the_training_
     main(["fit", *args, "--trainer.max_steps=2"])
     main(["predict", *args, "--ckpt_path=last", f"--data.predict_dir={inputs}", "--model.output_dir=cli"])
     main(["export", "runs/mambaclinix", "package", "--zip"])
+    model = read_package(tmp_path / "package.zip").metadata
+    assert model["plan"]["target_spacing"] == [1.0, 1.5, 2.0]  # the training cases' median spacing
+    assert model["channel_names"] == ["MRI"] and model["labels"] == {"background": 0, "organ": 1, "tumour": 2}
+    assert model["network"] == {"name": "mambaclinix_tiny", "kwargs": {}}
+    assert model["patch_size"] == [16, 16, 16]
+    assert (model["card"]["training_steps"], model["card"]["training_cases"]) == (2, 4)
 
     shutil.rmtree(data)  # the training data and the preprocessing cache inside it
     shutil.rmtree(tmp_path / "runs")
