@@ -112,6 +112,17 @@ def test_a_zip_package_predicts_as_the_folder(package, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_export_replaces_a_package_but_not_another_folder(package, tmp_path):
+    export_package([tmp_path / "a.ckpt"], package)  # a second export over the first
+    assert sorted(p.name for p in package.iterdir()) == ["fold_0.safetensors", "model.json"]
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(PackageError, match="not a model package"):
+        export_package([tmp_path / "a.ckpt"], other)
+    assert (other / "keep.txt").read_text() == "mine"
+
+
 def test_a_checkpoint_without_metadata_says_how_to_re_export(tmp_path):
     path = tmp_path / "old.ckpt"
     torch.save({"state_dict": {"net.w": torch.zeros(1)}}, path)
@@ -152,6 +163,7 @@ def _rewrite_json(package: Path, change) -> None:
         (lambda m: m["network"].update(kwargs={"features_per_stage": [8, 8, 16, 16]}), "wrong shapes"),
         (lambda m: m["network"].update(name="os.system"), "unknown network preset"),
         (lambda m: m.update(labels={"background": 0, "organ": 1}), "'labels'"),
+        (lambda m: m["folds"][0].update(weights="../../a.ckpt"), "must be a file name in the package"),
     ],
 )
 def test_a_tampered_model_json_is_refused(package, change, message):

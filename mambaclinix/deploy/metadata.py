@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,9 @@ CHECKPOINT_KEY = "mambaclinix_deploy"
 
 CROP_RULE = "nonzero"
 """The crop rule of the preprocessing: the bounding box of the voxels non-zero in any channel."""
+
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain name inside the package, no path
 
 
 class PackageError(ValueError):
@@ -140,6 +144,12 @@ def check_metadata(data: Any, source: str, *, package: bool = True) -> dict[str,
         for i, fold in enumerate(data["folds"]):
             if not isinstance(fold, dict) or not isinstance(fold.get("weights"), str):
                 raise PackageError(f"{source}: folds[{i}] must name its 'weights' file")
+            for key in ("weights", "onnx"):
+                name = fold.get(key)
+                if name is not None and (not isinstance(name, str) or not _FILE_NAME.match(name)):
+                    raise PackageError(
+                        f"{source}: folds[{i}].{key} must be a file name in the package, got {name!r}"
+                    )
             if not isinstance(fold.get("sha256"), str):
                 raise PackageError(f"{source}: folds[{i}] must give the 'sha256' of its weights")
     return dict(data)

@@ -7,7 +7,9 @@ image's geometry. :func:`sliding_window_inference` has MONAI's signature and def
 constant weights), so the recipe is passed explicitly.
 
 :mod:`mambaclinix.inference.sliding_window` and :mod:`mambaclinix.inference.geometry` depend on torch and
-numpy only; :mod:`mambaclinix.inference.writer` imports nibabel / SimpleITK lazily, when a file is read or
+numpy only, as does :mod:`mambaclinix.inference.segment` (sliding window → original grid → argmax, the
+path shared by the training module's ``predict`` and the model package's ``Predictor``);
+:mod:`mambaclinix.inference.writer` imports nibabel / SimpleITK lazily, when a file is read or
 written.
 """
 
