@@ -59,11 +59,12 @@ def _metadata(num_classes: int = 3, tta: bool = False) -> dict:
     }
 
 
-def _checkpoint(path: Path, seed: int = 0, fold=None) -> Path:
+def _checkpoint(path: Path, seed: int = 0, fold=None, **net_kwargs) -> Path:
     torch.manual_seed(seed)
-    net = create_model("mambaclinix_tiny", in_channels=1, out_channels=3)
+    net = create_model("mambaclinix_tiny", in_channels=1, out_channels=3, **net_kwargs)
     meta = _metadata()
     meta["card"]["fold"] = fold
+    meta["network"]["kwargs"] = json.loads(json.dumps(net_kwargs))
     ckpt = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "global_step": 2,
             CHECKPOINT_KEY: meta}  # fmt: skip
     torch.save(ckpt, path)
@@ -101,6 +102,22 @@ def test_the_package_holds_safetensors_weights_equal_to_the_checkpoints(package,
         model["folds"][0]["sha256"]
         == hashlib.sha256((package / "fold_0.safetensors").read_bytes()).hexdigest()
     )
+
+
+def test_a_planned_topology_survives_the_package(tmp_path):
+    """Network arguments such as a planner writes (1x3x3 kernels, anisotropic strides) are rebuilt from
+    model.json's lists; the network computes what the checkpoint's did."""
+    kwargs = {"kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+              "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]}  # fmt: skip
+    ckpt = _checkpoint(tmp_path / "p.ckpt", **kwargs)
+    net = load_model(export_package([ckpt], tmp_path / "pkg"))
+    torch.manual_seed(0)
+    ref = create_model("mambaclinix_tiny", in_channels=1, out_channels=3,
+                       kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+                       strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2))).eval()  # fmt: skip
+    x = torch.randn(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
 
 
 def test_a_zip_package_predicts_as_the_folder(package, tmp_path):

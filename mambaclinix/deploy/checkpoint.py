@@ -9,7 +9,7 @@ weights. Lightning itself is not imported here.
 
 from __future__ import annotations
 
-import logging
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,6 @@ from mambaclinix.deploy.metadata import (
     library_versions,
     utc_now,
 )
-
-log = logging.getLogger(__name__)
 
 __all__ = ["checkpoint_metadata", "find_checkpoint", "read_checkpoint"]
 
@@ -68,8 +66,15 @@ def checkpoint_metadata(module: Any, datamodule: Any | None, trainer: Any | None
         name: float(metrics[f"val/dice_{name}"]) for name in class_names[1:] if f"val/dice_{name}" in metrics
     }
     source = datamodule.data_dir if datamodule.data_dir is not None else datamodule.manifest
+    kwargs = dict(hp.get("net_kwargs") or {})
+    try:
+        kwargs = json.loads(json.dumps(kwargs))
+    except (TypeError, ValueError) as err:
+        raise PackageError(
+            f"model.net_kwargs must hold plain values (numbers, strings, lists) to be exported ({err})"
+        ) from err
     return {
-        "network": {"name": hp.net, "kwargs": dict(hp.get("net_kwargs") or {})},
+        "network": {"name": hp.net, "kwargs": kwargs},
         "in_channels": int(hp.in_channels),
         "num_classes": int(hp.num_classes),
         "channel_names": channel_names,
