@@ -31,14 +31,14 @@ from mambaclinix.models import create_model
 SHAPE = (14, 12, 10)
 
 
-def _metadata(num_classes: int = 3, tta: bool = False) -> dict:
-    plan = PreprocessingPlan((1.0, 1.0, 1.0), ("zscore",), (None,))
+def _metadata(num_classes: int = 3, tta: bool = False, channels: int = 1) -> dict:
+    plan = PreprocessingPlan((1.0, 1.0, 1.0), ("zscore",) * channels, (None,) * channels)
     names = ["background", "organ", "tumour"][:num_classes]
     return {
         "network": {"name": "mambaclinix_tiny", "kwargs": {}},
-        "in_channels": 1,
+        "in_channels": channels,
         "num_classes": num_classes,
-        "channel_names": ["MRI"],
+        "channel_names": ["T1", "T2"][:channels] if channels > 1 else ["MRI"],
         "labels": {n: i for i, n in enumerate(names)},
         "file_ending": ".nii.gz",
         "plan": plan.to_json(),
@@ -59,10 +59,10 @@ def _metadata(num_classes: int = 3, tta: bool = False) -> dict:
     }
 
 
-def _checkpoint(path: Path, seed: int = 0, fold=None, **net_kwargs) -> Path:
+def _checkpoint(path: Path, seed: int = 0, fold=None, channels: int = 1, **net_kwargs) -> Path:
     torch.manual_seed(seed)
-    net = create_model("mambaclinix_tiny", in_channels=1, out_channels=3, **net_kwargs)
-    meta = _metadata()
+    net = create_model("mambaclinix_tiny", in_channels=channels, out_channels=3, **net_kwargs)
+    meta = _metadata(channels=channels)
     meta["card"]["fold"] = fold
     meta["network"]["kwargs"] = json.loads(json.dumps(net_kwargs))
     ckpt = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "global_step": 2,
@@ -329,6 +329,22 @@ def test_predict_cli_skips_existing_outputs_reports_failures_and_goes_on(package
     main(["predict", "-i", str(inputs / "a_0000.nii.gz"), "-o", str(out), "-m", str(package), "--overwrite",
           "--tta"])  # fmt: skip
     assert "1 case(s) predicted" in capsys.readouterr().err
+
+
+def test_predict_cli_reports_a_case_with_a_missing_channel_and_predicts_the_others(tmp_path):
+    package = export_package([_checkpoint(tmp_path / "two.ckpt", channels=2)], tmp_path / "pkg")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a_0000", "a_0001", "b_0000", "c_0000", "c_0001", "c_0002"):
+        _image(inputs / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "-i", str(inputs), "-o", str(out), "-m", str(package)])
+    message = str(info.value)
+    assert "2 case(s) failed" in message
+    assert "b: missing channel file(s) b_0001" in message
+    assert "c: unexpected channel file(s) c_0002.nii.gz" in message
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]
 
 
 def test_predict_cli_names_a_missing_package(tmp_path):

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["PACKAGE_FLAGS", "predict_package_main", "wants_package_predict"]
+__all__ = ["PACKAGE_FLAGS", "list_cases", "predict_package_main", "wants_package_predict"]
 
 PACKAGE_FLAGS = ("-i", "-o", "-m", "--input", "--output", "--package")
 """Options that make ``mambaclinix predict`` predict with a package instead of the LightningCLI."""
@@ -26,6 +26,65 @@ PACKAGE_FLAGS = ("-i", "-o", "-m", "--input", "--output", "--package")
 def wants_package_predict(argv: Sequence[str]) -> bool:
     """Whether ``mambaclinix predict ARGS`` (``argv`` without the subcommand) is the package form."""
     return any(a in PACKAGE_FLAGS or a.split("=", 1)[0] in PACKAGE_FLAGS[3:] for a in argv)
+
+
+def list_cases(inputs: Sequence[Path], num_channels: int) -> tuple[list, list[tuple[str, str]]]:
+    """The cases of ``inputs`` (folders and/or files) for a model of ``num_channels`` channels, and the cases
+    that cannot be predicted with the reason (a channel file missing or unexpected).
+
+    Files named ``CASE_XXXX<ext>`` are the channels of ``CASE``; any other file is a case of its own (one
+    channel, or every channel in one 4D file).
+
+    Raises:
+        mambaclinix.data.DatasetError: a missing input, an unsupported file type, no images at all.
+    """
+    from mambaclinix.data.cases import (
+        CHANNEL_RE,
+        INPUT_EXTENSIONS,
+        Case,
+        DatasetError,
+        case_name,
+        check_unique,
+        split_extension,
+        visible_files,
+    )
+
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files += [p for p in visible_files(item) if split_extension(p) is not None]
+        elif item.is_file():
+            if split_extension(item) is None:
+                raise DatasetError(f"{item}: unsupported file type; expected one of {INPUT_EXTENSIONS}")
+            files.append(item)
+        else:
+            raise DatasetError(f"{item}: folder or image file to predict does not exist")
+    if not files:
+        raise DatasetError(
+            f"{', '.join(map(str, inputs))}: no images with a supported extension {INPUT_EXTENSIONS}"
+        )
+    groups: dict[str, dict[int, Path]] = {}
+    cases, failures = [], []
+    for path in files:
+        match = CHANNEL_RE.match(split_extension(path)[0])  # type: ignore[index]
+        if match is None:
+            cases.append(Case(case_name(path), (path,)))
+        else:
+            groups.setdefault(match["case"], {})[int(match["channel"])] = path
+    for name, channels in groups.items():
+        expected = list(range(num_channels))
+        if sorted(channels) == expected:
+            cases.append(Case(name, tuple(channels[c] for c in expected)))
+            continue
+        missing = [f"{name}_{c:04d}" for c in expected if c not in channels]
+        extra = [channels[c].name for c in sorted(channels) if c not in expected]
+        reason = f"missing channel file(s) {', '.join(missing)}" if missing else ""
+        reason += ("; " if reason else "") + (
+            f"unexpected channel file(s) {', '.join(extra)}" if extra else ""
+        )
+        failures.append((name, f"{reason} (the model takes {num_channels} channel(s))"))
+    check_unique(cases, inputs[0])
+    return sorted(cases, key=lambda c: c.name), failures
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 def predict_package_main(argv: Sequence[str]) -> None:
     """Run ``mambaclinix predict -i IN -o OUT -m MODEL [...]`` (``argv`` without the subcommand)."""
     args = _parser().parse_args(list(argv))
-    from mambaclinix.data.cases import DatasetError, find_images
+    from mambaclinix.data.cases import DatasetError
     from mambaclinix.deploy.metadata import PackageError
     from mambaclinix.deploy.predictor import Predictor
     from mambaclinix.inference import output_extension, write_segmentation
@@ -71,13 +130,13 @@ def predict_package_main(argv: Sequence[str]) -> None:
         )
     except (PackageError, ValueError) as err:
         raise SystemExit(f"mambaclinix predict: {err}") from None
-    source = args.input[0] if len(args.input) == 1 else args.input
     try:
-        cases = find_images(source, predictor.num_channels, None)
+        cases, failures = list_cases(args.input, predictor.num_channels)
     except DatasetError as err:
         raise SystemExit(f"mambaclinix predict: {err}") from None
+    for name, reason in failures:
+        print(f"{name}: FAILED ({reason})", file=sys.stderr)
     args.output.mkdir(parents=True, exist_ok=True)
-    failures: list[tuple[str, str]] = []
     done = skipped = 0
     for n, case in enumerate(cases, 1):
         out = args.output / f"{case.name}{output_extension(case.image_paths[0])}"
