@@ -141,8 +141,11 @@ def check_metadata(data: Any, source: str, *, package: bool = True) -> dict[str,
     if package:
         if not data["folds"]:
             raise PackageError(f"{source}: the package lists no weights (field 'folds' is empty)")
+        numbers = [fold.get("fold") if isinstance(fold, dict) else None for fold in data["folds"]]
+        if not all(isinstance(n, int) for n in numbers) or len(set(numbers)) != len(numbers):
+            raise PackageError(f"{source}: every entry of 'folds' needs its own fold number, got {numbers}")
         for i, fold in enumerate(data["folds"]):
-            if not isinstance(fold, dict) or not isinstance(fold.get("weights"), str):
+            if not isinstance(fold.get("weights"), str):
                 raise PackageError(f"{source}: folds[{i}] must name its 'weights' file")
             for key in ("weights", "onnx"):
                 name = fold.get(key)
