@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-from mambaclinix.data.preprocessing import PreprocessingPlan
-
 __all__ = [
     "CHECKPOINT_KEY",
     "FORMAT",
@@ -118,6 +116,8 @@ def check_metadata(data: Any, source: str, *, package: bool = True) -> dict[str,
             f"{source}: field 'labels' must map one class name to each value 0..{data['num_classes'] - 1}, "
             f"got {labels}"
         )
+    from mambaclinix.data.preprocessing import PreprocessingPlan  # TorchIO: only when a model is read
+
     try:
         plan = PreprocessingPlan.from_json(data["plan"])
     except (KeyError, TypeError, ValueError) as err:

@@ -21,8 +21,6 @@ import lightning as L
 import torch
 from torch import nn
 
-from mambaclinix.deploy.checkpoint import checkpoint_metadata
-from mambaclinix.deploy.metadata import CHECKPOINT_KEY, PackageError
 from mambaclinix.inference import ensemble_probabilities
 from mambaclinix.losses import DeepSupervisionLoss, DiceCETverskyLoss
 from mambaclinix.metrics import PerClassDice, per_class_dice, per_class_hd95, per_class_nsd
@@ -189,6 +187,9 @@ class SegmentationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store what prediction needs (:mod:`mambaclinix.deploy.metadata`) for ``mambaclinix export``; a
         run that cannot be exported (a network given as an object) stores the reason instead."""
+        from mambaclinix.deploy.checkpoint import checkpoint_metadata
+        from mambaclinix.deploy.metadata import CHECKPOINT_KEY, PackageError
+
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         try:
