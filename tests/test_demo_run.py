@@ -22,3 +22,17 @@ def test_demo_command_runs_and_prints_the_dice_table(tmp_path, monkeypatch, caps
         assert 0.0 <= net <= 1.0 and 0.0 < base <= 1.0
     assert (tmp_path / "runs/demo_brain/checkpoints/last.ckpt").is_file()
     assert (tmp_path / "runs/demo_brain/test_metrics.csv").is_file()
+    # the checkpoint carries what a model package needs, validation Dice per tissue included
+    import torch
+
+    from mambaclinix.deploy.metadata import CHECKPOINT_KEY
+
+    meta = torch.load(tmp_path / "runs/demo_brain/checkpoints/last.ckpt", weights_only=True)[CHECKPOINT_KEY]
+    assert set(meta["card"]["validation_dice"]) == {"CSF", "GM", "WM"}
+    # a later command in the run folder keeps the training metrics (Lightning's CSVLogger would delete them)
+    metrics = tmp_path / "runs/demo_brain/logs/metrics.csv"
+    before = metrics.read_text()
+    main(["test", "-c", str(tmp_path / "runs/demo_brain/logs/config_run.yaml"), f"--data.data_dir={data}",
+          "--ckpt_path=last", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert metrics.read_text().startswith(before.splitlines()[0])
+    assert len(metrics.read_text().splitlines()) >= len(before.splitlines())

@@ -21,6 +21,7 @@ EXAMPLES = ROOT / "examples"
 SCRIPTS = {
     "custom_network.py": ["--steps", "8", "--size", "16", "--width", "4", "--lr", "1e-2"],
     "forward_backward.py": ["--preset", "mambaclinix_tiny", "--size", "16", "--batch", "2"],
+    "deploy_model.py": ["--steps", "2", "--cases", "3", "--size", "24"],
 }
 
 
@@ -106,6 +107,21 @@ def test_forward_backward_script_runs():
     from mambaclinix import create_model
 
     assert params == sum(p.numel() for p in create_model("mambaclinix_tiny").parameters())
+
+
+@pytest.mark.slow
+def test_deploy_model_script_predicts_from_the_package_alone(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "deploy_model.py"), "--workdir", str(tmp_path / "w"),
+         *SCRIPTS["deploy_model.py"]],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "w" / "data").exists()  # predicted without the training data
+    for name in ("scan_a", "scan_b"):
+        value = float(re.search(rf"{name}: Dice of the ball ([\d.]+)", proc.stdout).group(1))
+        assert 0.0 <= value <= 1.0
+    assert (tmp_path / "w" / "segmentations" / "scan_a.nii.gz").is_file()
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

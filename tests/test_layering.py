@@ -28,7 +28,7 @@ SOURCE = ROOT / PACKAGE
 TOP = PACKAGE  # the "package" of mambaclinix/__init__.py itself
 
 _LOW = {"utils", "ops", "layers", "models", "losses", "metrics", "inference", "configs"}
-_EVERYTHING = _LOW | {"data", "planning", "training", "demo", TOP}
+_EVERYTHING = _LOW | {"data", "deploy", "planning", "training", "demo", TOP}
 
 # Which of our packages (first component under mambaclinix/; a top-level module such as cli.py counts as
 # a package of its own) each package may import. Imports inside a package are always allowed.
@@ -45,10 +45,14 @@ ALLOWED: dict[str, set[str]] = {
     # TOP: the planner writes the package's __version__ into the configs it generates; mambaclinix/__init__.py
     # imports only models, which planning may import anyway.
     "planning": {"data", "models", "layers", "ops", "inference", "utils", TOP},
-    "training": {"data", "models", "layers", "ops", "losses", "metrics", "inference", "utils"},
+    # deploy: model packages (safetensors + model.json) and the Predictor; no Lightning
+    "deploy": {"data", "models", "layers", "ops", "inference", "utils"},
+    # training stores the prediction metadata (mambaclinix.deploy.checkpoint) in every checkpoint
+    "training": {"data", "deploy", "models", "layers", "ops", "losses", "metrics", "inference", "utils"},
     "demo": _EVERYTHING - {"demo"},
     "cli": _EVERYTHING,
-    TOP: {"models"},  # `import mambaclinix` stays as light as the network itself
+    # `import mambaclinix` stays as light as the network itself; load_model / Predictor are lazy
+    TOP: {"models", "deploy"},
 }
 
 # Third-party packages the low layers must not import at all (they are dependencies of the data and

@@ -33,7 +33,7 @@ log = logging.getLogger("mkdocs.hooks.api_pages")
 PACKAGE = "mambaclinix"
 NAV_TITLE = "API reference"
 # Page order within the section: the user-facing packages first.
-ORDER = ["models", "layers", "losses", "metrics", "inference", "data", "training", "ops"]
+ORDER = ["models", "layers", "losses", "metrics", "inference", "data", "training", "deploy", "ops"]
 
 
 @dataclass

@@ -7,6 +7,8 @@ light commands start without importing Lightning or TorchIO:
 * ``fit``, ``validate``, ``test``, ``predict`` (:mod:`mambaclinix.cli.lightning`): Lightning's
   ``LightningCLI`` (:func:`mambaclinix.training.lightning_cli`) over
   :class:`~mambaclinix.training.SegmentationModule` and :class:`~mambaclinix.data.SegmentationDataModule`;
+* ``predict -i IN -o OUT -m MODEL`` (:mod:`mambaclinix.cli.predict_package`): predict with a model
+  package; ``export`` (:mod:`mambaclinix.cli.export`): write one from checkpoints;
 * ``plan`` (:mod:`mambaclinix.cli.plan`): fingerprint a dataset, write its plan and a ready config;
 * ``demo-data`` and ``demo`` (:mod:`mambaclinix.cli.demo`): the embedded brain-MRI demo.
 
@@ -38,7 +40,10 @@ COMMANDS: dict[str, Command] = {
     "fit": Command(_LIGHTNING, "lightning_main", "train a network (LightningCLI)"),
     "validate": Command(_LIGHTNING, "lightning_main", "score a checkpoint on the validation cases"),
     "test": Command(_LIGHTNING, "lightning_main", "score a checkpoint on the test cases"),
-    "predict": Command(_LIGHTNING, "lightning_main", "write label maps for new images"),
+    "predict": Command(
+        _LIGHTNING, "lightning_main", "write label maps (-i IN -o OUT -m MODEL: from a package)"
+    ),
+    "export": Command("mambaclinix.cli.export", "export_main", "write a model package from checkpoints"),
     "plan": Command("mambaclinix.cli.plan", "plan_main", "plan spacing, patch, batch and network"),
     "demo-data": Command("mambaclinix.cli.demo", "demo_data_main", "build the demo brain-MRI dataset"),
     "demo": Command("mambaclinix.cli.demo", "demo_main", "train and test on the demo, beside k-means"),
@@ -55,6 +60,8 @@ _LAZY = {
     "demo_data_main": "mambaclinix.cli.demo",
     "demo_main": "mambaclinix.cli.demo",
     "plan_main": "mambaclinix.cli.plan",
+    "export_main": "mambaclinix.cli.export",
+    "predict_package_main": "mambaclinix.cli.predict_package",
 }
 
 

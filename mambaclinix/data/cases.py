@@ -160,7 +160,9 @@ def find_images(
         source: a folder (its visible files with a supported extension) or a list of files.
         num_channels: expected channel files per case when ``per_channel_files``.
         per_channel_files: ``True``: files are ``CASE_0000<ext>``, ``CASE_0001<ext>``… and are grouped
-            by case (nnU-Net v2); ``False``: every file is one case (possibly a 4D multi-channel file);
+            by case (nnU-Net v2), except that with ``num_channels=1`` a file without the channel index
+            is a case of its own (``brain1.nrrd``); ``False``: every file is one case (possibly a 4D
+            multi-channel file);
             ``None``: group only if every file ends in a 4-digit channel index and grouping gives every
             case the channels 0..n-1 (or ``num_channels`` of them), otherwise one file per case.
 
@@ -198,8 +200,13 @@ def find_images(
             except DatasetError:
                 per_channel_files = False
     if per_channel_files:
-        groups = group_channel_files(files, folder, num_channels, None)
+        plain: list[Path] = []
+        if num_channels == 1:  # single-channel data may also be named one file per case (brain1.nrrd)
+            plain = [p for p in files if CHANNEL_RE.match(split_extension(p)[0]) is None]  # type: ignore[index]
+            files = [p for p in files if p not in plain]
+        groups = group_channel_files(files, folder, num_channels, None) if files else {}
         cases = [Case(name, paths) for name, paths in groups.items()]
+        cases += [Case(case_name(p), (p,)) for p in plain]
     else:
         cases = [Case(case_name(p), (p,)) for p in files]
     check_unique(cases, folder)

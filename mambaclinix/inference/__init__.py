@@ -7,11 +7,19 @@ image's geometry. :func:`sliding_window_inference` has MONAI's signature and def
 constant weights), so the recipe is passed explicitly.
 
 :mod:`mambaclinix.inference.sliding_window` and :mod:`mambaclinix.inference.geometry` depend on torch and
-numpy only; :mod:`mambaclinix.inference.writer` imports nibabel / SimpleITK lazily, when a file is read or
+numpy only, as does :mod:`mambaclinix.inference.segment` (sliding window → original grid → argmax, the
+path shared by the training module's ``predict`` and the model package's ``Predictor``);
+:mod:`mambaclinix.inference.writer` imports nibabel / SimpleITK lazily, when a file is read or
 written.
 """
 
 from mambaclinix.inference.geometry import invert_to_original
+from mambaclinix.inference.segment import (
+    ensemble_probabilities,
+    ensemble_scores,
+    label_dtype,
+    labels_on_original_grid,
+)
 from mambaclinix.inference.sliding_window import (
     gaussian_importance_map,
     sliding_window_inference,
@@ -30,8 +38,12 @@ __all__ = [
     "OUTPUT_EXTENSIONS",
     "SUPPORTED_EXTENSIONS",
     "ImageGeometry",
+    "ensemble_probabilities",
+    "ensemble_scores",
     "gaussian_importance_map",
     "invert_to_original",
+    "label_dtype",
+    "labels_on_original_grid",
     "output_extension",
     "read_image_geometry",
     "sliding_window_inference",

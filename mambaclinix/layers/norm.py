@@ -64,4 +64,3 @@ class LayerNormChannels(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
-

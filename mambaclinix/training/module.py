@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from mambaclinix.inference import sliding_window_inference
+from mambaclinix.inference import ensemble_scores
 from mambaclinix.layers import MambaLayer
 from mambaclinix.losses import PAPER_GRID, PAPER_GRID_XYZ, DeepSupervisionLoss, DiceCETverskyLoss
 from mambaclinix.metrics import PerClassDice, per_class_dice, per_class_hd95, per_class_nsd
@@ -245,6 +245,19 @@ class SegmentationModule(L.LightningModule):
                 f"{which} holds non-finite weights ({', '.join(bad[:3])}); use an earlier checkpoint"
             )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store what prediction needs (:mod:`mambaclinix.deploy.metadata`) for ``mambaclinix export``; a
+        run that cannot be exported (a network given as an object) stores the reason instead."""
+        from mambaclinix.deploy.checkpoint import checkpoint_metadata
+        from mambaclinix.deploy.metadata import CHECKPOINT_KEY, PackageError
+
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        try:
+            checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(self, datamodule, trainer)
+        except PackageError as err:
+            checkpoint[CHECKPOINT_KEY] = {"error": str(err)}
+
     # ------------------------------------------------------------------ whole volumes
     def _first(self, out):
         return out[0] if isinstance(out, (list, tuple)) else out
@@ -269,10 +282,9 @@ class SegmentationModule(L.LightningModule):
                 f"channel(s); this model takes (B, {hp.in_channels}, D, H, W). Was it trained on another "
                 "dataset (another channel count)?"
             )
-        # The paper's (nnU-Net's) recipe, passed explicitly: the function has MONAI's defaults.
-        logits = sliding_window_inference(
-            image, self.patch_size, hp.sw_batch_size, lambda p: self._first(self(p)).float(),
-            overlap=hp.sw_overlap, mode="gaussian", sigma_scale=0.125,
+        # The paper's (nnU-Net's) recipe, shared with the model package's Predictor.
+        logits = ensemble_scores(
+            image, [self], self.patch_size, hp.sw_batch_size, hp.sw_overlap,
             mirror_axes=(0, 1, 2) if hp.mirror_tta else None,
         )  # fmt: skip
         if not bool(torch.isfinite(logits.sum())):
@@ -363,7 +375,7 @@ class SegmentationModule(L.LightningModule):
         self.test_summary = {"cases": rows, "mean": means}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
-        from mambaclinix.inference import invert_to_original, output_extension, write_segmentation
+        from mambaclinix.inference import labels_on_original_grid, output_extension, write_segmentation
 
         out_dir = self._predictions_dir or self._output_dir() / "predictions"
         if _is_padding(batch):
@@ -372,8 +384,7 @@ class SegmentationModule(L.LightningModule):
         logits = self.predict_logits(batch["image"], batch.get("name"))
         written = []
         for i, meta in enumerate(batch["meta"]):
-            full = invert_to_original(logits[i].cpu(), meta)
-            labels = full.argmax(0).to(torch.uint8 if self.hparams.num_classes < 256 else torch.int16)
+            labels = labels_on_original_grid(logits[i].cpu(), meta)
             ref = Path(meta["image_paths"][0])
             path = out_dir / f"{batch['name'][i]}{output_extension(ref)}"
             write_segmentation(labels, ref, path)
