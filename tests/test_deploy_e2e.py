@@ -41,7 +41,8 @@ def test_an_exported_package_predicts_as_the_lightning_cli_without_the_training_
     model = read_package(tmp_path / "package.zip").metadata
     assert model["plan"]["target_spacing"] == [1.0, 1.5, 2.0]  # the training cases' median spacing
     assert model["channel_names"] == ["MRI"] and model["labels"] == {"background": 0, "organ": 1, "tumour": 2}
-    assert model["network"] == {"name": "mambaclinix_tiny", "kwargs": {}}
+    # the Mamba layers' token order travels with the network (x fastest on TorchIO's xyz arrays)
+    assert model["network"] == {"name": "mambaclinix_tiny", "kwargs": {"mamba_scan_order": "F"}}
     assert model["patch_size"] == [16, 16, 16]
     assert (model["card"]["training_steps"], model["card"]["training_cases"]) == (2, 4)
 

@@ -24,6 +24,7 @@ from mambaclinix.deploy.metadata import (
     library_versions,
     utc_now,
 )
+from mambaclinix.layers import MambaLayer
 
 __all__ = ["checkpoint_metadata", "find_checkpoint", "read_checkpoint"]
 
@@ -67,6 +68,10 @@ def checkpoint_metadata(module: Any, datamodule: Any | None, trainer: Any | None
     }
     source = datamodule.data_dir if datamodule.data_dir is not None else datamodule.manifest
     kwargs = dict(hp.get("net_kwargs") or {})
+    # the token order the Mamba layers were trained with (the module sets it from its array_axes)
+    orders = {m.scan_order for m in module.net.modules() if isinstance(m, MambaLayer)}
+    if len(orders) == 1:
+        kwargs["mamba_scan_order"] = orders.pop()
     try:
         kwargs = json.loads(json.dumps(kwargs))
     except (TypeError, ValueError) as err:
