@@ -3,11 +3,28 @@ data module (:func:`mambaclinix.training.lightning_cli`)."""
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Sequence
+
+
+def show_progress_messages() -> None:
+    """Print the library's INFO messages (the dataset check, the preprocessing, ``--ckpt_path last``)
+    as plain lines on stderr, once."""
+    logger = logging.getLogger("mambaclinix")
+    if not any(getattr(h, "_mambaclinix_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._mambaclinix_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
 
 
 def lightning_main(argv: Sequence[str] | None) -> None:
     """Run the LightningCLI on ``argv`` (the subcommand first; ``None``: ``sys.argv[1:]``)."""
     from mambaclinix.training.lightning_cli import lightning_cli
 
+    show_progress_messages()
     lightning_cli(None if argv is None else list(argv))

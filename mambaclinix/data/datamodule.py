@@ -333,6 +333,12 @@ class SegmentationDataModule(L.LightningDataModule):
         if stage in ("fit", "validate"):
             return train_pool
         if stage == "test":
+            unlabelled = [c.name for c in cases["test"] if c.label_path is None]
+            if unlabelled:  # before anything is preprocessed
+                raise DatasetError(
+                    f"{self.data_dir or self.manifest}: test needs labels, but {len(unlabelled)} test "
+                    f"case(s) have none (e.g. '{unlabelled[0]}'; expected labelsTs/); use predict without labels"
+                )
             return cases["test"]
         if stage == "predict":
             return cases["predict"]
@@ -385,6 +391,11 @@ class SegmentationDataModule(L.LightningDataModule):
         """
         if stage in ("fit", "validate", None):
             train, val = self.split()
+            if not val:  # validate: nothing to do; fit: one line instead of Lightning's warnings
+                what = f"no validation cases (val_fraction={self.val_fraction:g}, fold={self.fold})"
+                if stage == "validate":
+                    raise DatasetError(f"{what}: set --data.val_fraction above 0 or a fold, or use test")
+                logger.warning("%s: training runs without validation; only last.ckpt is saved", what)
             if stage != "validate":
                 self.train_subjects = [cached_subject(e) for e in self._cached(train)]
             self.val_subjects = [cached_subject(e) for e in self._cached(val)]
