@@ -337,7 +337,7 @@ class SegmentationDataModule(L.LightningDataModule):
             if unlabelled:  # before anything is preprocessed
                 raise DatasetError(
                     f"{self.data_dir or self.manifest}: test needs labels, but {len(unlabelled)} test "
-                    f"case(s) have none (e.g. '{unlabelled[0]}'; expected labelsTs/); use predict without labels"
+                    f"case(s) have none (e.g. '{unlabelled[0]}'; expected labelsTs/); use predict instead"
                 )
             return cases["test"]
         if stage == "predict":
