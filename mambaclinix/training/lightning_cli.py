@@ -61,6 +61,7 @@ PARSER_DEFAULTS = {
 
 EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
 
+_LINKED = ("in_channels", "num_classes", "class_names", "patch_size")  # model arguments set from data
 _UNTRAINED_HINT = "--allow_untrained runs it with randomly initialised weights (for testing a set-up only)"
 
 
@@ -158,11 +159,12 @@ class MambaClinixCLI(LightningCLI):
         self.config[sub]["ckpt_path"] = ckpt = self._resolve_ckpt_path(sub)
         if not ckpt or not Path(ckpt).is_file():
             return super()._parse_ckpt_path()
-        explicit = self._explicit(sub, "model")
+        explicit = {k: v for k, v in self._explicit(sub, "model").items() if k not in _LINKED}
         self._restore_data_settings(sub, ckpt)
         super()._parse_ckpt_path()
         for key, value in explicit.items():
             self.config[sub]["model"][key] = value
+        self.config[sub]["model"]["patch_size"] = self.config[sub]["data"]["patch_size"]  # the link
 
     def _restore_data_settings(self, sub: str, ckpt: str) -> None:
         """The data module's saved arguments, except those the user set (``data_dir`` and ``manifest``
