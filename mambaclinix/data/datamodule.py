@@ -209,7 +209,7 @@ class SegmentationDataModule(L.LightningDataModule):
         """Case lists by role: ``pool`` (labelled training pool), ``val`` (explicit), ``test``,
         ``predict``."""
         if self._case_lists is None:
-            lists = read_cases(self.data_dir, self.manifest)
+            lists = read_cases(self.data_dir, self.manifest, check_labels=not self.validate)
             self._case_lists = {
                 "pool": lists.train,
                 "val": lists.val,
@@ -375,9 +375,12 @@ class SegmentationDataModule(L.LightningDataModule):
 
         info = self._info
         described = None if info is None else [list(info.channel_names), sorted(info.labels)]
-        key = stable_hash([1, described, [case_signature(c) for c in cases]])
+        try:  # a missing file (a label, with check_labels off) is named by the check with all the others
+            key = stable_hash([1, described, [case_signature(c) for c in cases]])
+        except DatasetError:
+            key = None
         marker = self.cache_root() / f"validated-{key}.json"
-        if marker.is_file():
+        if key is not None and marker.is_file():
             logger.info("dataset check: %d case(s) unchanged since the last check (%s)", len(cases), marker)
             return
         report = validate_cases(cases, info)
