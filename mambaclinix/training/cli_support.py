@@ -201,12 +201,20 @@ class SetupCleanup(L.Callback):
 
     def __init__(self) -> None:
         self.started = False
-        self._before: dict[Path, set[Path]] = {}
+        self._before: dict[Path, set[Path] | None] = {}  # None: the folder is new (created by the command)
 
     def snapshot(self, folders: Iterable[str | os.PathLike]) -> None:
+        """Remember what ``folders`` hold; for a folder that does not exist yet, its highest missing
+        ancestor is remembered as new (removed whole, if only new files are in it)."""
         for folder in folders:
             folder = Path(folder).resolve()
-            self._before[folder] = set(folder.rglob("*")) if folder.is_dir() else set()
+            if folder.is_dir():
+                self._before.setdefault(folder, set(folder.rglob("*")))
+                continue
+            top = folder
+            while not top.parent.exists() and top.parent != top:
+                top = top.parent
+            self._before.setdefault(top, None)
 
     def _start(self, *args: Any) -> None:
         self.started = True
@@ -217,9 +225,11 @@ class SetupCleanup(L.Callback):
         """Delete what appeared in the watched folders (files, then the folders left empty); the paths."""
         removed: list[Path] = []
         for folder, before in self._before.items():
-            if not folder.exists():
+            if not folder.is_dir():
                 continue
-            new = [p for p in folder.rglob("*") if p not in before]
+            new = [p for p in folder.rglob("*") if before is None or p not in before]
+            if before is None:
+                new.append(folder)
             for p in sorted(new, key=lambda q: len(q.parts), reverse=True):
                 try:
                     if p.is_dir() and not p.is_symlink():
@@ -231,7 +241,4 @@ class SetupCleanup(L.Callback):
                         removed.append(p)
                 except OSError:
                     pass
-            if not before and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-                removed.append(folder)
         return removed
