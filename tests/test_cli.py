@@ -234,7 +234,8 @@ def test_every_shipped_config_keeps_the_training_log(config, tmp_path):
     tiny = [f"--data.data_dir={data}", *SMALL, "--model.net=mambaclinix_tiny", "--trainer.precision=32-true",
             "--trainer.devices=1", "--model.sw_batch_size=1", "--model.mirror_tta=false"]  # fmt: skip
     fit = cli("fit", "-c", config, *tiny, "--trainer.max_steps=2", "--trainer.max_epochs=1",
-              "--trainer.limit_train_batches=2", "--data.val_fraction=0", cwd=tmp_path)  # fmt: skip
+              "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=1", "--data.val_fraction=0",
+              cwd=tmp_path)  # fmt: skip
     assert fit.returncode == 0, fit.stderr
     (metrics,) = [p for p in tmp_path.joinpath("runs").rglob("metrics.csv")]
     trained_rows = list(csv.DictReader(metrics.open()))
@@ -244,3 +245,16 @@ def test_every_shipped_config_keeps_the_training_log(config, tmp_path):
         assert proc.returncode == 0, (command, proc.stderr)
     losses = [r["train/loss_step"] for r in csv.DictReader(metrics.open()) if r.get("train/loss_step")]
     assert losses == [r["train/loss_step"] for r in trained_rows if r.get("train/loss_step")]
+
+
+def test_preprocessing_shows_a_progress_bar(tmp_path, capsys):
+    from mambaclinix.data.datasets import read_decathlon
+    from mambaclinix.data.preprocessing import make_plan, preprocess_to_cache
+
+    cases = read_decathlon(make_dataset(tmp_path / "data", n=2))
+    plan = make_plan(cases, ("MRI",), target_spacing=(2.0, 2.0, 2.0))
+    preprocess_to_cache(cases, plan, tmp_path / "cache", progress=True)
+    err = capsys.readouterr().err
+    assert "preprocessing:" in err and "0/2 [" in err
+    preprocess_to_cache(cases, plan, tmp_path / "cache", progress=True)  # all cached: no bar
+    assert "preprocessing" not in capsys.readouterr().err

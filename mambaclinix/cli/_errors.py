@@ -50,6 +50,10 @@ USER_ERRORS: tuple[str, ...] = (
 # (pattern of the message, hint) for errors whose own message does not say what to do
 _HINTS: tuple[tuple[str, str], ...] = (
     (
+        r"dataset\.json not found",
+        "point --data.data_dir at the dataset folder (the one holding dataset.json, imagesTr/, labelsTr/)",
+    ),
+    (
         r"give exactly one of data_dir .* and manifest",
         "give --data.data_dir DIR (a Decathlon / nnU-Net raw folder) or --data.manifest CASES.csv, or a "
         "config that sets one with -c CONFIG.yaml",
