@@ -207,6 +207,8 @@ class SetupCleanup(L.Callback):
         """Remember what ``folders`` hold; for a folder that does not exist yet, its highest missing
         ancestor is remembered as new (removed whole, if only new files are in it)."""
         for folder in folders:
+            if "://" in str(folder):  # remote (fsspec) folders are left alone
+                continue
             folder = Path(folder).resolve()
             if folder.is_dir():
                 self._before.setdefault(folder, set(folder.rglob("*")))
