@@ -168,6 +168,19 @@ def test_no_checkpoint_or_a_missing_file_is_named(tmp_path, monkeypatch):
         main(["test", f"--data.data_dir={data}", *SMALL, "--ckpt_path=best"])
 
 
+def test_allow_untrained_runs_and_says_so(tmp_path, monkeypatch, caplog):
+    from mambaclinix.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data = make_dataset(tmp_path / "data", n=2, n_test=1)
+    out = tmp_path / "out"
+    args = [f"--data.data_dir={data}", *SMALL, "--model.net=mambaclinix_tiny", f"--model.output_dir={out}"]
+    with caplog.at_level("WARNING", logger="mambaclinix"):
+        main(["predict", *args, "--ckpt_path=last", "--allow_untrained=true"])
+    assert "predict with untrained weights (--allow_untrained)" in caplog.text
+    assert [p.name for p in (out / "predictions").iterdir()] == ["case_002.nii.gz"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One fit (2 steps, no validation cases) of the tiny network; its output."""
