@@ -12,6 +12,10 @@ light commands start without importing Lightning or TorchIO:
 * ``plan`` (:mod:`mambaclinix.cli.plan`): fingerprint a dataset, write its plan and a ready config;
 * ``demo-data`` and ``demo`` (:mod:`mambaclinix.cli.demo`): the embedded brain-MRI demo.
 
+Errors a user can fix print one message and exit with status 1 (:mod:`mambaclinix.cli._errors`);
+``--debug`` or ``MAMBACLINIX_DEBUG=1`` shows their traceback. :func:`run` is the ``mambaclinix``
+command; :func:`main` runs the same commands but lets every exception through (for Python callers).
+
 The LightningCLI's names (``lightning_cli``, ``MambaClinixCLI``, ``PARSER_DEFAULTS``, ...) stay importable
 from here; they are loaded on first access.
 """
@@ -65,7 +69,7 @@ _LAZY = {
 }
 
 
-__all__ = ["COMMANDS", "Command", "main", "usage", *_LAZY]
+__all__ = ["COMMANDS", "Command", "main", "run", "usage", *_LAZY]
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
@@ -82,11 +86,26 @@ def usage() -> str:
         "commands:",
     ]
     lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += [
+        "",
+        "options:",
+        "  --debug    show the traceback of an error (also: environment variable MAMBACLINIX_DEBUG=1)",
+    ]
     return "\n".join(lines)
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+    """The ``mambaclinix`` command: :func:`main` on ``argv`` (default ``sys.argv[1:]``) where an error the
+    user can fix prints one message and exits with status 1 (``--debug``: the traceback)."""
+    from mambaclinix.cli._errors import run_command
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = next((a for a in args if a in COMMANDS), None)
+    run_command(main, args, prog="mambaclinix" if name is None else f"mambaclinix {name}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run ``mambaclinix ARGS`` (``argv``, default ``sys.argv[1:]``)."""
+    """Run ``mambaclinix ARGS`` (``argv``, default ``sys.argv[1:]``); exceptions propagate."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(usage())

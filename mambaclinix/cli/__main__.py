@@ -1,5 +1,5 @@
 """``python -m mambaclinix.cli``: the same as the ``mambaclinix`` command."""
 
-from mambaclinix.cli import main
+from mambaclinix.cli import run
 
-main()
+run()

@@ -16,13 +16,18 @@ def demo_data_main(argv: Sequence[str]) -> None:
     p.add_argument("--n-test", type=int, default=3)
     p.add_argument("--spacing", type=float, default=2.0, help="isotropic voxel size in mm")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace what DIR holds")
     a = p.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from mambaclinix.demo import build_demo_dataset
 
-    path = build_demo_dataset(a.out_dir, n_train=a.n_train, n_test=a.n_test, spacing=a.spacing, seed=a.seed,
-                              overwrite=a.overwrite)  # fmt: skip
+    try:
+        path = build_demo_dataset(a.out_dir, n_train=a.n_train, n_test=a.n_test, spacing=a.spacing,
+                                  seed=a.seed, overwrite=a.overwrite)  # fmt: skip
+    except FileExistsError as err:  # the library's message names the argument, not the flag
+        from mambaclinix.cli._errors import UserError
+
+        raise UserError(str(err).replace("overwrite=True", "--overwrite")) from err
     print(f"demo dataset ready: {path}")
 
 

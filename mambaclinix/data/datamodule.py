@@ -220,7 +220,7 @@ class SegmentationDataModule(L.LightningDataModule):
         """Case lists by role: ``pool`` (labelled training pool), ``val`` (explicit), ``test``,
         ``predict``."""
         if self._case_lists is None:
-            lists = read_cases(self.data_dir, self.manifest)
+            lists = read_cases(self.data_dir, self.manifest, check_labels=not self.validate)
             self._case_lists = {
                 "pool": lists.train,
                 "val": lists.val,
@@ -344,6 +344,12 @@ class SegmentationDataModule(L.LightningDataModule):
         if stage in ("fit", "validate"):
             return train_pool
         if stage == "test":
+            unlabelled = [c.name for c in cases["test"] if c.label_path is None]
+            if unlabelled:  # before anything is preprocessed
+                raise DatasetError(
+                    f"{self.data_dir or self.manifest}: test needs labels, but {len(unlabelled)} test "
+                    f"case(s) have none (e.g. '{unlabelled[0]}'; expected labelsTs/); use predict instead"
+                )
             return cases["test"]
         if stage == "predict":
             return cases["predict"]
@@ -380,9 +386,12 @@ class SegmentationDataModule(L.LightningDataModule):
 
         info = self._info
         described = None if info is None else [list(info.channel_names), sorted(info.labels)]
-        key = stable_hash([1, described, [case_signature(c) for c in cases]])
+        try:  # a missing file (a label, with check_labels off) is named by the check with all the others
+            key = stable_hash([1, described, [case_signature(c) for c in cases]])
+        except DatasetError:
+            key = None
         marker = self.cache_root() / f"validated-{key}.json"
-        if marker.is_file():
+        if key is not None and marker.is_file():
             logger.info("dataset check: %d case(s) unchanged since the last check (%s)", len(cases), marker)
             return
         report = validate_cases(cases, info)
@@ -396,6 +405,11 @@ class SegmentationDataModule(L.LightningDataModule):
         """
         if stage in ("fit", "validate", None):
             train, val = self.split()
+            if not val:  # validate: nothing to do; fit: one line instead of Lightning's warnings
+                what = f"no validation cases (val_fraction={self.val_fraction:g}, fold={self.fold})"
+                if stage == "validate":
+                    raise DatasetError(f"{what}: set --data.val_fraction above 0 or a fold, or use test")
+                logger.warning("%s: training runs without validation; only last.ckpt is saved", what)
             if stage != "validate":
                 self.train_subjects = [cached_subject(e) for e in self._cached(train)]
             self.val_subjects = [cached_subject(e) for e in self._cached(val)]

@@ -210,9 +210,9 @@ def _parse_dataset_json(data: dict, path: Path) -> DatasetInfo:
     )
 
 
-def _label_for(case: str, label_dir: Path, ending: str, image: Path) -> Path:
+def _label_for(case: str, label_dir: Path, ending: str, image: Path, check: bool = True) -> Path:
     label = label_dir / f"{case}{ending}"
-    if not label.is_file():
+    if check and not label.is_file():
         raise DatasetError(f"case '{case}': image {image} has no label; expected {label}")
     return label
 
@@ -238,7 +238,7 @@ def _msd_image_files(image: Path, where: str) -> tuple[Path, ...]:
     raise DatasetError(f"{where}: listed image file does not exist: {image}")
 
 
-def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
+def read_decathlon(data_dir: str | Path, subset: str = "train", *, check_labels: bool = True) -> list[Case]:
     """List the cases of a Decathlon / nnU-Net raw dataset.
 
     Args:
@@ -246,6 +246,9 @@ def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
         subset: ``"train"`` (``imagesTr`` + ``labelsTr``, every image needs its label) or ``"test"``
             (``imagesTs``, with labels from ``labelsTs`` when that folder exists; empty list when there is
             no ``imagesTs``).
+        check_labels: raise when a label file is missing. ``False`` keeps the expected label path in the
+            case, so that :func:`~mambaclinix.data.validation.validate_cases` reports the missing label
+            together with every other problem.
 
     Returns:
         Cases sorted by name.
@@ -276,7 +279,7 @@ def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
         assert ending is not None
         groups = group_channel_files(visible_files(image_dir), image_dir, info.num_channels, ending)
         for name, paths in groups.items():
-            label = _label_for(name, label_dir, ending, paths[0]) if need_labels else None
+            label = _label_for(name, label_dir, ending, paths[0], check_labels) if need_labels else None
             cases.append(Case(name, paths, label))
     else:
         if subset == "train":
@@ -289,7 +292,7 @@ def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
                 if "label" not in entry or entry["label"] in (None, ""):
                     raise DatasetError(f"case '{name}' ({where}): image {image} has no label")
                 label = _resolve_listed(root, entry["label"], "label", where)
-                if not label.is_file():
+                if check_labels and not label.is_file():
                     raise DatasetError(f"case '{name}' ({where}): listed label file does not exist: {label}")
                 cases.append(Case(name, _msd_image_files(image, where), label))
         else:
@@ -307,7 +310,7 @@ def read_decathlon(data_dir: str | Path, subset: str = "train") -> list[Case]:
                 name = case_name(image)
                 files = _msd_image_files(image, f"{json_path}: test case '{name}'")
                 ext = split_extension(image)[1]  # type: ignore[index]
-                label = _label_for(name, label_dir, ext, image) if need_labels else None
+                label = _label_for(name, label_dir, ext, image, check_labels) if need_labels else None
                 cases.append(Case(name, files, label))
         _check_channel_files(cases, info.num_channels)
 
@@ -338,8 +341,10 @@ def _check_channel_files(cases: Sequence[Case], num_channels: int) -> None:
             )
 
 
-def read_manifest(manifest: str | Path) -> list[Case]:
+def read_manifest(manifest: str | Path, *, check_labels: bool = True) -> list[Case]:
     """Read a CSV manifest (see the module docstring for the columns).
+
+    ``check_labels=False`` keeps a label path whose file does not exist (see :func:`read_decathlon`).
 
     Returns:
         Cases in file order, with ``split`` set from the ``split`` column (``None`` when absent/empty).
@@ -378,7 +383,7 @@ def read_manifest(manifest: str | Path) -> list[Case]:
     def resolve(cell: str, what: str, row_no: int) -> Path:
         p = Path(cell)
         p = p if p.is_absolute() else base / p
-        if not p.is_file():
+        if not p.is_file() and (check_labels or what != "label"):
             raise DatasetError(f"{path}, row {row_no}: {what} file does not exist: {p}")
         if split_extension(p) is None:
             raise DatasetError(
@@ -443,7 +448,11 @@ class CaseLists(NamedTuple):
 
 
 def read_cases(
-    data_dir: str | Path | None = None, manifest: str | Path | None = None, *, test: bool = True
+    data_dir: str | Path | None = None,
+    manifest: str | Path | None = None,
+    *,
+    test: bool = True,
+    check_labels: bool = True,
 ) -> CaseLists:
     """Read a Decathlon / nnU-Net raw folder or a CSV manifest and sort its cases by role.
 
@@ -452,6 +461,7 @@ def read_cases(
         manifest: CSV manifest.
         test: list the test cases of ``data_dir`` (``imagesTs``); ``False`` leaves ``test`` empty and
             does not look at ``imagesTs``/``labelsTs``. A manifest is read whole either way.
+        check_labels: see :func:`read_decathlon`.
 
     Raises:
         ValueError: both or neither of ``data_dir`` and ``manifest``.
@@ -459,10 +469,11 @@ def read_cases(
     """
     source = _one_source(data_dir, manifest)
     if data_dir is not None:
-        train = read_decathlon(data_dir, "train")
-        lists = CaseLists(train, [], read_decathlon(data_dir, "test") if test else [], [])
+        train = read_decathlon(data_dir, "train", check_labels=check_labels)
+        tests = read_decathlon(data_dir, "test", check_labels=check_labels) if test else []
+        lists = CaseLists(train, [], tests, [])
     else:
-        rows = read_manifest(source)
+        rows = read_manifest(source, check_labels=check_labels)
         lists = CaseLists(
             train=[c for c in rows if c.label_path is not None and c.split in TRAINING_SPLITS],
             val=[c for c in rows if c.split == "val"],

@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,6 +293,7 @@ def preprocess_to_cache(
     cache_root: str | Path,
     num_classes: int | None = None,
     num_workers: int = 0,
+    progress: bool | None = None,
 ) -> list[CachedCase]:
     """Preprocess the cases missing from ``cache_root/<plan.key>/`` and return every entry.
 
@@ -304,6 +305,8 @@ def preprocess_to_cache(
         num_classes: when given, label values must be below it.
         num_workers: processes for the missing cases (``0``: this process). Workers are spawned, not
             forked, so that they do not inherit the threads of an initialised torch.
+        progress: show a progress bar (tqdm, on stderr) over the missing cases; ``None``: when stderr is
+            a terminal.
 
     Returns:
         One :class:`~mambaclinix.data.cache.CachedCase` per case, in order; ``from_cache`` tells whether it
@@ -318,14 +321,21 @@ def preprocess_to_cache(
     if missing:
         logger.info("preprocessing %d of %d case(s) into %s", len(missing), len(cases), plan_dir)
         plan_json = plan.to_json()
-        if num_workers > 0 and len(missing) > 1:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(num_workers, len(missing)), mp_context=context) as pool:
-                futures = [pool.submit(_store, c, plan_json, str(d), num_classes) for c, d in missing]
-                for future in futures:
-                    future.result()
-        else:
-            for c, d in missing:
-                _store(c, plan_json, str(d), num_classes)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(missing), desc="preprocessing", unit="case", disable=None if progress is None
+                   else not progress, dynamic_ncols=True, leave=False)  # fmt: skip
+        with bar:
+            if num_workers > 0 and len(missing) > 1:
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(min(num_workers, len(missing)), mp_context=context) as pool:
+                    futures = [pool.submit(_store, c, plan_json, str(d), num_classes) for c, d in missing]
+                    for future in as_completed(futures):
+                        future.result()
+                        bar.update()
+            else:
+                for c, d in missing:
+                    _store(c, plan_json, str(d), num_classes)
+                    bar.update()
     missing_dirs = {d for _, d in missing}
     return [load_entry(c, d, d not in missing_dirs) for c, d in zip(cases, directories, strict=True)]

@@ -299,7 +299,12 @@ def validate_cases(
             continue
         result = _read(Path(case.label_path), "label", read_arrays)
         if isinstance(result, str):
-            error(case, case.label_path, result)
+            missing = result == "file does not exist"
+            error(
+                case,
+                case.label_path,
+                "label file does not exist; expected the case's label" if missing else result,
+            )
             continue
         shape, affine, data = result
         if shape[0] != 1:

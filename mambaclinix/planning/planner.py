@@ -310,7 +310,8 @@ def plan_dataset(
     if accelerator == "cpu" and precision != "32-true":
         raise ValueError(f"on cpu the planner models precision '32-true' only, got {precision!r}")
 
-    cases = read_cases(data_dir, manifest, test=False).train  # the labelled training pool
+    # the labelled training pool; with validate, a missing label is reported with every other problem
+    cases = read_cases(data_dir, manifest, test=False, check_labels=not validate).train
     info = read_dataset_info(data_dir, manifest)
     source = {"data_dir": str(Path(data_dir).resolve())} if data_dir is not None else {
         "manifest": str(Path(manifest).resolve())  # type: ignore[arg-type]

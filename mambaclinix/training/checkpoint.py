@@ -101,6 +101,15 @@ class ResumableCheckpoint(ModelCheckpoint):
             )
         self.last_every_n_train_steps = n
 
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # Before the first validation (none yet, or no validation cases at all) the monitored metric does
+        # not exist: there is no best checkpoint to keep yet, and Lightning's warning about it would only
+        # say so. ``last.ckpt`` is saved as usual.
+        if self.monitor is not None and self.monitor not in monitor_candidates:
+            if not trainer.fit_loop.epoch_loop.val_loop._has_run:
+                return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
