@@ -28,7 +28,7 @@ import numpy as np
 import torchio as tio
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mambaclinix.data.cache import CachedCase, case_signature, default_cache_root, stable_hash
+from mambaclinix.data.cache import CachedCase, default_cache_root
 from mambaclinix.data.datasets import (
     Case,
     DatasetError,
@@ -43,7 +43,6 @@ from mambaclinix.data.patch_augmentation import PatchAugmentation
 from mambaclinix.data.patches import OVERSAMPLING, TrainLoader, patch_loader
 from mambaclinix.data.preprocessing import PreprocessingPlan, make_plan, preprocess_to_cache
 from mambaclinix.data.resampling import IMAGE_INTERPOLATIONS, LABEL_INTERPOLATIONS
-from mambaclinix.utils.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -382,20 +381,9 @@ class SegmentationDataModule(L.LightningDataModule):
         Raises:
             DatasetError: the problems found, each naming the case and file.
         """
-        from mambaclinix.data.validation import validate_cases
+        from mambaclinix.data.validation import validate_cases_once
 
-        info = self._info
-        described = None if info is None else [list(info.channel_names), sorted(info.labels)]
-        try:  # a missing file (a label, with check_labels off) is named by the check with all the others
-            key = stable_hash([1, described, [case_signature(c) for c in cases]])
-        except DatasetError:
-            key = None
-        marker = self.cache_root() / f"validated-{key}.json"
-        if key is not None and marker.is_file():
-            logger.info("dataset check: %d case(s) unchanged since the last check (%s)", len(cases), marker)
-            return
-        report = validate_cases(cases, info)
-        write_json_atomic(marker, {"cases": [c.name for c in cases], "empty_labels": report.empty_labels})
+        validate_cases_once(cases, self._info, self.cache_root())
 
     def setup(self, stage: str | None = None) -> None:
         """Build the subject lists of ``stage`` from the cache.

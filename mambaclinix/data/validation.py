@@ -44,11 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mambaclinix.data.cache import case_signature, stable_hash
 from mambaclinix.data.datasets import Case, DatasetError, DatasetInfo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ValidationReport", "nifti_truncation", "validate_cases"]
+__all__ = ["ValidationReport", "nifti_truncation", "validate_cases", "validate_cases_once"]
 
 _NIFTI_DTYPES = {  # NIfTI-1/2 datatype code → bytes per voxel
     2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
@@ -406,3 +407,25 @@ def _check_label_values(case: Case, data: np.ndarray, declared: set[int] | None,
             f"case '{case.name}': {path}: the label is all background (no foreground voxel); the case is "
             "kept (its training patches are placed at random)"
         )
+
+
+def validate_cases_once(cases: Sequence[Case], info: DatasetInfo | None, cache_root: Path) -> None:
+    """:func:`validate_cases` unless the same files (paths, sizes, modification times) against the same
+    ``dataset.json`` already passed; a pass is remembered in ``cache_root``.
+
+    Raises:
+        DatasetError: the problems found, each naming the case and file.
+    """
+    from mambaclinix.utils.atomic import write_json_atomic
+
+    described = None if info is None else [list(info.channel_names), sorted(info.labels)]
+    try:  # a missing file (a label, with check_labels off) is named by the check with all the others
+        key = stable_hash([1, described, [case_signature(c) for c in cases]])
+    except DatasetError:
+        key = None
+    marker = Path(cache_root) / f"validated-{key}.json"
+    if key is not None and marker.is_file():
+        logger.info("dataset check: %d case(s) unchanged since the last check (%s)", len(cases), marker)
+        return
+    report = validate_cases(cases, info)
+    write_json_atomic(marker, {"cases": [c.name for c in cases], "empty_labels": report.empty_labels})
