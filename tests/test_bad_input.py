@@ -400,13 +400,13 @@ def test_a_cache_entry_broken_between_runs_stops_the_resume_and_keeps_the_checkp
     assert not list((tmp_path / "out").rglob("*.nii.gz"))
 
 
-class _BreakCacheAfterFirstStep(L.Callback):
+class _BreakCacheAfterFirstEpoch(L.Callback):
     def __init__(self, cache: Path):
         self.cache = cache
         self.broken: list[Path] = []
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == 1:
+        if trainer.global_step == 2:  # the last step of epoch 0 (patches are read from the cache one by one)
             for path in sorted(self.cache.glob("*/*/image.npy")):
                 path.write_bytes(path.read_bytes()[:150])
                 self.broken.append(path)
@@ -420,7 +420,7 @@ def test_a_cache_entry_broken_during_training_stops_the_run_cleanly(tmp_path):
     dm = SegmentationDataModule(data_dir=str(root), patch_size=(16, 16, 16), num_workers=0, val_fraction=0,
                                 cache_dir=str(cache), samples_per_volume=2, batch_size=2)  # fmt: skip
     model = SegmentationModule(in_channels=1, **TINY)
-    breaker = _BreakCacheAfterFirstStep(cache)
+    breaker = _BreakCacheAfterFirstEpoch(cache)
     checkpoints = tmp_path / "ckpt"
     trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
                         callbacks=[breaker, L.pytorch.callbacks.ModelCheckpoint(checkpoints, save_last=True)],

@@ -236,6 +236,24 @@ def test_low_resolution_by_hand_and_skipping_the_coarse_axis():
         np.testing.assert_allclose(out, patch, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "shape,zoom,ignore", [((20, 18, 16), 0.5, ()), ((20, 18, 16), 0.73, ()), ((8, 32, 30), 0.61, (0,))]
+)
+def test_low_resolution_matches_skimage_resize(shape, zoom, ignore):
+    """batchgenerators' SimulateLowResolutionTransform calls skimage's resize: order 0 down, order 3 up,
+    edge mode, no anti-aliasing (skipped without scikit-image, which is not a dependency)."""
+    transform = pytest.importorskip("skimage.transform")
+    x = _rng().normal(size=(1, *shape)).astype(np.float32)
+    target = np.round(np.array(shape) * zoom).astype(int)
+    for axis in ignore:
+        target[axis] = shape[axis]
+    down = transform.resize(x[0].astype(np.float64), target, order=0, mode="edge", anti_aliasing=False)
+    reference = transform.resize(down, shape, order=3, mode="edge", anti_aliasing=False)
+    out = intensity.low_resolution(x.copy(), [zoom], ignore_axes=ignore)
+    np.testing.assert_allclose(out[0], reference, atol=1e-5)
+    assert out.min() >= down.min() - 1e-6 and out.max() <= down.max() + 1e-6  # the overshoot is clipped
+
+
 def test_mirroring_flips_image_and_label_together():
     image = _rng().normal(size=(1, 6, 5, 4)).astype(np.float32)
     label = (image > 0).astype(np.uint8)

@@ -16,8 +16,9 @@ contrast                    factor per channel, half the draws in [0.75, 1), hal
                             ``(x − mean)·f + mean`` clipped to the channel's [min, max]
 simulated low resolution    each channel with probability 0.5: zoom ~ U(0.5, 1), shape
                             ``round(shape · zoom)`` (axes in ``ignore_axes`` keep their size),
-                            nearest-neighbour down, cubic spline up (pixel-centre aligned, edge mode:
-                            what ``skimage.transform.resize`` does with orders 0 and 3)
+                            nearest-neighbour down, cubic spline up clipped to the coarse range
+                            (pixel-centre aligned, edge mode: ``skimage.transform.resize`` with
+                            orders 0 and 3)
 gamma                       γ per channel, half the draws in [0.7, 1), half in [1, 1.5]; rescale to
                             [0, 1], power, rescale back; mean and std restored; the inverted variant
                             negates the patch before and after
@@ -101,7 +102,9 @@ def low_resolution(
 
     The channel is resampled to ``round(shape · zoom)`` voxels (axes in ``ignore_axes``, spatial axis
     indices, keep their size) with nearest-neighbour interpolation and back to its shape with a cubic
-    spline, both with pixel centres aligned and edge values beyond the border.
+    spline clipped to the coarse channel's range, both with pixel centres aligned and edge values beyond
+    the border (``skimage.transform.resize`` with ``order=0`` then ``3``, ``mode="edge"``, no
+    anti-aliasing, as batchgenerators calls it).
     """
     spatial = np.asarray(x.shape[1:])
     for c, zoom in enumerate(zooms):
@@ -113,7 +116,8 @@ def low_resolution(
         if np.array_equal(target, spatial):
             continue
         small = _zoom_to(x[c].astype(np.float64), target.tolist(), order=0)
-        x[c] = _zoom_to(small, spatial.tolist(), order=3)
+        # skimage's resize clips the spline's overshoot to the range of its input
+        x[c] = np.clip(_zoom_to(small, spatial.tolist(), order=3), small.min(), small.max())
     return x
 
 

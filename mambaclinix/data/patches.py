@@ -20,8 +20,9 @@ Patch ``i`` of epoch ``e`` on rank ``r`` is a pure function of ``(seed, r, world
 One ``numpy.random.Generator`` seeded from ``(seed, rank, epoch, i)`` draws everything of patch ``i``, so
 the stream does not depend on the number of workers or on the global RNG state, an epoch's stream does
 not depend on earlier epochs, and resuming mid-epoch starts the stream at the first batch not trained on.
-Volumes are read as memory maps of the preprocessing cache (only the enlarged crop is read) in the
-``DataLoader``'s worker processes; foreground locations are found once per subject and worker.
+Volumes are read as memory maps of the preprocessing cache, opened for each patch (only the enlarged
+crop is read), in the ``DataLoader``'s worker processes; foreground locations are found once per subject
+and worker.
 
 **Why not** ``tio.Queue``: the Queue augments a whole subject once and cuts ``samples_per_volume``
 patches from it, so patches share one draw and intensity statistics are the volume's; nnU-Net augments
@@ -42,6 +43,7 @@ import torch
 import torchio as tio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mambaclinix.data.cases import DatasetError
 from mambaclinix.data.patch_augmentation import PatchAugmentation, plain_patch
 
 __all__ = ["OVERSAMPLING", "PatchStream", "collate_patches", "forced_foreground", "patch_loader"]
@@ -66,14 +68,21 @@ def forced_foreground(index: int, batch_size: int, foreground_probability: float
 
 
 def _volume(subject: tio.Subject, key: str) -> np.ndarray | None:
-    """``subject[key]`` as ``(C, *spatial)``: a memory map of a not-yet-loaded ``.npy`` file, else the
-    image's data."""
+    """``subject[key]`` as ``(C, *spatial)``: a memory map of a not-yet-loaded ``.npy`` file (opened
+    anew for every patch, so that a file truncated under a running job fails here with a clear error
+    instead of a bus error on a stale map), else the image's data."""
     image = subject.get(key)
     if not isinstance(image, tio.Image):
         return None
     path = image.path
     if not getattr(image, "_loaded", True) and isinstance(path, Path) and path.suffix == ".npy":
-        return np.load(path, mmap_mode="r")
+        try:
+            return np.load(path, mmap_mode="r")
+        except Exception as err:  # truncated or removed while training
+            raise DatasetError(
+                f"preprocessed case {path.parent.name}: cannot read {path} ({type(err).__name__}: {err}); "
+                f"delete the folder {path.parent} to have the case preprocessed again"
+            ) from err
     return image.data.numpy()
 
 
@@ -127,7 +136,6 @@ class PatchStream(Dataset):
             self.subjects, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=False
         )
         self._passes: dict[int, tuple[list[int], np.ndarray]] = {}
-        self._volumes: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._foreground: dict[int, dict[int, np.ndarray]] = {}
 
     @property
@@ -152,10 +160,8 @@ class PatchStream(Dataset):
         return order[int(slots[slot]) // self.samples_per_volume]
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        if index not in self._volumes:
-            subject = self.subjects[index]
-            self._volumes[index] = (_volume(subject, "image"), _volume(subject, "label"))
-        return self._volumes[index]
+        subject = self.subjects[index]
+        return _volume(subject, "image"), _volume(subject, "label")
 
     def _foreground_of(self, index: int, label: np.ndarray | None) -> dict[int, np.ndarray]:
         if label is None:
@@ -301,7 +307,7 @@ def patch_loader(
         batch_size=batch_size,
         sampler=StreamSampler(stream, batches * batch_size),
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,  # workers keep their memory maps and foreground locations
+        persistent_workers=num_workers > 0,  # workers keep the foreground locations they found
         collate_fn=collate_patches,
         on_iter=on_iter,
         module=module,
