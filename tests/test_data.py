@@ -611,7 +611,6 @@ def _datamodule(root: Path, tmp_path: Path, **kwargs) -> SegmentationDataModule:
         patch_size=(16, 16, 16),
         batch_size=2,
         samples_per_volume=2,
-        queue_length=8,
         num_workers=0,
         val_fraction=0.25,
         target_spacing=(1.5, 1.5, 1.5),
@@ -656,6 +655,25 @@ def test_datamodule_training_is_deterministic(v2_dataset, tmp_path):
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
     assert not all(torch.equal(x["image"], y["image"]) for x, y in zip(a, c, strict=True))
+
+
+def test_training_batches_do_not_depend_on_the_worker_count(v2_dataset, tmp_path):
+    def batches(workers):
+        dm = _datamodule(v2_dataset, tmp_path, num_workers=workers, iterations_per_epoch=3)
+        dm.prepare_data()
+        dm.setup("fit")
+        return list(dm.train_dataloader())
+
+    for x, y in zip(batches(0), batches(2), strict=True):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+        assert x["name"] == y["name"]
+
+
+def test_queue_length_is_deprecated_and_oversampling_checked(v2_dataset, tmp_path):
+    with pytest.warns(FutureWarning, match="queue_length"):
+        _datamodule(v2_dataset, tmp_path, queue_length=64)
+    with pytest.raises(ValueError, match="oversampling"):
+        _datamodule(v2_dataset, tmp_path, oversampling="queue")
 
 
 def test_split_is_deterministic_and_disjoint(v2_dataset, tmp_path):
@@ -733,7 +751,7 @@ def test_datamodule_from_a_manifest(tmp_path, mr_dataset):
         )
     manifest = _write_manifest(tmp_path / "m.csv", rows, ["image", "label", "split"])
     dm = SegmentationDataModule(
-        manifest=str(manifest), patch_size=(8, 8, 8), samples_per_volume=1, queue_length=4, num_workers=0,
+        manifest=str(manifest), patch_size=(8, 8, 8), samples_per_volume=1, num_workers=0,
         augment=False, target_spacing=(2.0, 2.0, 2.0),
     )  # fmt: skip
     assert (dm.num_channels, dm.num_classes) == (1, 3)

@@ -1,6 +1,7 @@
 """The package layering of mambaclinix, read from the source: every ``mambaclinix/**/*.py`` is parsed with
 ``ast`` and its imports collected — top-level ones, lazy ones inside functions, and string imports
-(``importlib.import_module("...")``, and the module names of lazy-export tables in files that call it);
+(``importlib.import_module("...")``, and the module names of lazy-export tables in files that call it or
+``mambaclinix.utils.lazy.lazy_attributes``);
 relative imports are resolved. Nothing is imported, so an import that only runs on some code path (a
 CUDA kernel, a CLI subcommand) counts as much as one at the top of a file.
 
@@ -147,6 +148,8 @@ class _Collector(ast.NodeVisitor):
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name == "lazy_attributes":  # mambaclinix.utils.lazy: the table's modules load on access
+            self.calls_import_module = True
         if name in ("import_module", "__import__"):
             self.calls_import_module = True
             if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):

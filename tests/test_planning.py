@@ -234,7 +234,7 @@ def test_plan_command_round_trips_into_fit(datasets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # the plan's network as written; overrides on the command line for the patch, batch and steps
     main(["fit", "-c", str(out / "config.yaml"), "--trainer.max_steps=2", "--data.num_workers=0",
-          "--data.samples_per_volume=1", "--data.queue_length=2", "--data.patch_size=[16,16,16]",
+          "--data.samples_per_volume=1", "--data.patch_size=[16,16,16]",
           "--data.batch_size=1", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
           "--trainer.num_sanity_val_steps=0"])  # fmt: skip
     ckpt = torch.load(tmp_path / "runs/mambaclinix/checkpoints/last.ckpt", weights_only=False)

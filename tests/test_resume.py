@@ -22,7 +22,7 @@ from mambaclinix.training import AtomicCheckpointIO, ResumableCheckpoint
 
 TESTS = Path(__file__).parent
 STEPS_PER_EPOCH, EPOCHS = 4, 2
-DATA = dict(patch_size=[16, 16, 16], num_workers=0, samples_per_volume=2, batch_size=2, queue_length=4,
+DATA = dict(patch_size=[16, 16, 16], num_workers=0, samples_per_volume=2, batch_size=2,
             iterations_per_epoch=STEPS_PER_EPOCH)  # fmt: skip
 TARGET = STEPS_PER_EPOCH * EPOCHS
 
@@ -118,7 +118,7 @@ def test_each_epoch_stream_is_reproducible_on_its_own(tmp_path):
     mid-epoch position skips exactly the batches already trained on."""
     data = make_dataset(tmp_path / "data", n=4)
     kwargs = dict(data_dir=str(data), patch_size=(16, 16, 16), batch_size=2, samples_per_volume=3,
-                  queue_length=4, num_workers=0, val_fraction=0.25, iterations_per_epoch=3)  # fmt: skip
+                  num_workers=0, val_fraction=0.25, iterations_per_epoch=3)  # fmt: skip
     dm = SegmentationDataModule(**kwargs)
     dm.prepare_data()
     dm.setup("fit")

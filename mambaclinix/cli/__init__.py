@@ -21,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from mambaclinix.utils.lazy import lazy_attributes
+
 
 class Command(NamedTuple):
     """A command: the module and function that run it (``function(argv)``) and its one-line summary."""
@@ -59,12 +61,7 @@ _LAZY = {
 __all__ = ["COMMANDS", "Command", "main", "usage", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mambaclinix.cli' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 def usage() -> str:

@@ -1,4 +1,4 @@
-"""Data: the TorchIO data pipeline (nnU-Net's preprocessing, sampling and augmentation; ``docs/data.md``).
+"""Data: nnU-Net's data pipeline on TorchIO readers (preprocessing, sampling, augmentation; ``docs/data.md``).
 
 :class:`SegmentationDataModule` (Lightning); the dataset
 readers of :mod:`mambaclinix.data.datasets` and :mod:`mambaclinix.data.cases` (:func:`read_decathlon`,
@@ -6,9 +6,11 @@ readers of :mod:`mambaclinix.data.datasets` and :mod:`mambaclinix.data.cases` (:
 :mod:`mambaclinix.data.preprocessing` (:class:`PreprocessingPlan`, :func:`make_plan`,
 :func:`preprocess_case`; loading, normalisation, resampling and the fingerprint in their own modules)
 and its on-disk cache (:mod:`mambaclinix.data.cache`); :func:`invert_to_original` (defined in
-:mod:`mambaclinix.inference.geometry`); the foreground-oversampling sampler of
-:mod:`mambaclinix.data.sampling`, the augmentations of :mod:`mambaclinix.data.augmentation` and the
-loaders of :mod:`mambaclinix.data.loaders`.
+:mod:`mambaclinix.inference.geometry`); the training patch stream of :mod:`mambaclinix.data.patches`
+(batch-wise foreground oversampling, one seeded patch per index) with nnU-Net's per-patch augmentation
+(:class:`PatchAugmentation`, :mod:`mambaclinix.data.patch_augmentation`); the evaluation loaders of
+:mod:`mambaclinix.data.loaders`. The TorchIO sampler of :mod:`mambaclinix.data.sampling` and the TorchIO
+transforms of :mod:`mambaclinix.data.augmentation` serve whole-volume pipelines of your own.
 
 The demo dataset (MNI152 brain tissues) and its k-means baseline live in :mod:`mambaclinix.demo`, which
 builds on this package. Importing this package imports no TorchIO: the pipeline's names below are
@@ -16,7 +18,7 @@ loaded on first access (``from mambaclinix.data import SegmentationDataModule`` 
 Lightning at that moment).
 """
 
-import importlib
+from mambaclinix.utils.lazy import lazy_attributes
 
 _LAZY = {
     # name: defining module (the TorchIO pipeline, imported on first access)
@@ -39,19 +41,11 @@ _LAZY = {
     "invert_to_original": "mambaclinix.inference.geometry",
     "ForegroundOversamplingSampler": "mambaclinix.data.sampling",
     "nnunet_augmentation": "mambaclinix.data.augmentation",
+    "PatchAugmentation": "mambaclinix.data.patch_augmentation",
     "validate_cases": "mambaclinix.data.validation",
 }
 
 __all__ = [*_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mambaclinix.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -1,4 +1,7 @@
-"""nnU-Net's default training augmentation as TorchIO transforms — all of them in this one file.
+"""nnU-Net's default training augmentation as TorchIO transforms, for whole-volume pipelines of your own.
+
+:class:`~mambaclinix.data.datamodule.SegmentationDataModule` does not use this module: it augments every
+patch on its own (:class:`~mambaclinix.data.patch_augmentation.PatchAugmentation`, as nnU-Net does).
 
 :func:`nnunet_augmentation` composes, in nnU-Net v2's order (each line: probability per subject load):
 
@@ -37,8 +40,9 @@ Choices and deviations, spelled out:
   voxels, as in nnU-Net, and converted to the millimetres ``tio.Blur`` expects with the image spacing.
 * Low resolution: nearest-exact downsampling to ``round(shape · zoom)`` then trilinear upsampling
   (nnU-Net v2's ``SimulateLowResolutionTransform``).
-* In the TorchIO pipeline the whole (preprocessed) volume is augmented once per load, before the
-  sampler cuts ``samples_per_volume`` patches from it (nnU-Net augments each patch).
+* Used with a ``tio.Queue``, the whole (preprocessed) volume is augmented once per load, before the
+  sampler cuts ``samples_per_volume`` patches from it (nnU-Net augments each patch, with the patch's
+  statistics: :mod:`mambaclinix.data.patch_augmentation`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
-"""``SegmentationDataModule``: TorchIO patch training on nnU-Net-preprocessed volumes (nnU-Net v2's recipe,
-as MambaClinix trains, Bian et al., arXiv:2409.12533).
+"""``SegmentationDataModule``: patch training on nnU-Net-preprocessed volumes (nnU-Net v2's recipe, as
+MambaClinix trains, Bian et al., arXiv:2409.12533).
 
 The data module reads a Decathlon / nnU-Net raw folder or a CSV manifest (:mod:`mambaclinix.data.datasets`),
 splits the labelled training pool deterministically (by ``seed``, ``fold`` or ``val_fraction``, or the
 manifest's ``val`` rows), checks every file (:mod:`mambaclinix.data.validation`) and preprocesses into
 the on-disk cache in :meth:`~SegmentationDataModule.prepare_data` (:mod:`mambaclinix.data.preprocessing`,
-:mod:`mambaclinix.data.cache`), and serves seeded patch batches for training and whole volumes for
-validation, test and prediction (:mod:`mambaclinix.data.loaders`), sharded across ranks under
+:mod:`mambaclinix.data.cache`), and serves seeded batches of per-patch augmented patches for training
+(:mod:`mambaclinix.data.patches`) and whole volumes for validation, test and prediction
+(:mod:`mambaclinix.data.loaders`), sharded across ranks under
 ``torch.distributed``. Its ``state_dict`` records the position in the training stream so that a resumed
 run trains on the patches the uninterrupted run would have.
 
@@ -17,6 +18,7 @@ the batch format in full.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,6 @@ import numpy as np
 import torchio as tio
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mambaclinix.data.augmentation import nnunet_augmentation
 from mambaclinix.data.cache import CachedCase, case_signature, default_cache_root, stable_hash
 from mambaclinix.data.datasets import (
     Case,
@@ -36,14 +37,10 @@ from mambaclinix.data.datasets import (
     read_cases,
     read_dataset_info,
 )
-from mambaclinix.data.loaders import (
-    _TrainLoader,
-    cached_subject,
-    collate_subjects,
-    patch_loader,
-    volume_loader,
-)
+from mambaclinix.data.loaders import cached_subject, collate_subjects, distributed_world, volume_loader
 from mambaclinix.data.normalization import NORMALIZATIONS
+from mambaclinix.data.patch_augmentation import PatchAugmentation
+from mambaclinix.data.patches import OVERSAMPLING, TrainLoader, patch_loader
 from mambaclinix.data.preprocessing import PreprocessingPlan, make_plan, preprocess_to_cache
 from mambaclinix.data.resampling import IMAGE_INTERPOLATIONS, LABEL_INTERPOLATIONS
 from mambaclinix.utils.atomic import write_json_atomic
@@ -62,10 +59,14 @@ class SegmentationDataModule(L.LightningDataModule):
         patch_size: training patch ``(W, H, D)`` in voxels of the preprocessed grid.
         batch_size: training patches per batch (nnU-Net: 2). Validation/test/predict batches hold one
             whole volume.
-        samples_per_volume: patches cut from each loaded (and augmented) subject.
-        queue_length: maximum number of patches held by the ``tio.Queue``.
-        num_workers: processes of the Queue (loading + augmenting subjects), of the evaluation loaders,
-            and of the preprocessing in ``prepare_data``.
+        samples_per_volume: patches per training subject in each pass over the subjects (a pass mixes
+            the subjects' patches in a seeded random order); with ``iterations_per_epoch=None`` an epoch
+            is one pass.
+        queue_length: deprecated and ignored (patches are no longer buffered in a ``tio.Queue``); a
+            value other than ``None`` gives a ``FutureWarning``.
+        num_workers: ``DataLoader`` worker processes of the training loader (reading and augmenting
+            patches) and of the evaluation loaders, and processes of the preprocessing in
+            ``prepare_data``.
         val_fraction: fraction of the training pool used for validation when ``fold`` is ``None``.
         fold: cross-validation fold in ``[0, num_folds)``; ``None`` uses ``val_fraction``.
         num_folds: number of folds for ``fold``.
@@ -74,8 +75,12 @@ class SegmentationDataModule(L.LightningDataModule):
             the training pool.
         normalization: ``"auto"`` (``dataset.json`` channel names: ``CT`` → ``"ct"``, otherwise
             ``"zscore"``), ``"ct"``, ``"zscore"`` or ``"none"``.
-        foreground_probability: probability that a training patch is centred on foreground (nnU-Net 1/3).
-        augment: apply :func:`~mambaclinix.data.augmentation.nnunet_augmentation` to training subjects.
+        foreground_probability: fraction of training patches centred on foreground (nnU-Net 1/3).
+        oversampling: ``"batch"`` (nnU-Net): the last ``B − round(B·(1 − foreground_probability))``
+            patches of each batch of ``B`` are centred on foreground (one of two for ``B = 2``);
+            ``"patch"``: an independent coin per patch with probability ``foreground_probability``.
+        augment: augment every training patch on its own
+            (:class:`~mambaclinix.data.patch_augmentation.PatchAugmentation`, nnU-Net's defaults).
         cache_dir: preprocessing cache root; ``None``: ``<data_dir or manifest folder>/.mambaclinix_cache``,
             or ``$XDG_CACHE_HOME/mambaclinix/<hash of that folder>`` when it is not writable.
         predict_dir: folder or list of image files to predict; ``None``: the test images.
@@ -97,7 +102,7 @@ class SegmentationDataModule(L.LightningDataModule):
         patch_size: tuple[int, int, int] = (64, 64, 64),
         batch_size: int = 2,
         samples_per_volume: int = 8,
-        queue_length: int = 64,
+        queue_length: int | None = None,
         num_workers: int = 2,
         val_fraction: float = 0.2,
         fold: int | None = None,
@@ -106,6 +111,7 @@ class SegmentationDataModule(L.LightningDataModule):
         target_spacing: tuple[float, float, float] | None = None,
         normalization: str = "auto",
         foreground_probability: float = 1 / 3,
+        oversampling: str = "batch",
         augment: bool = True,
         cache_dir: str | None = None,
         predict_dir: str | list[str] | None = None,
@@ -123,16 +129,20 @@ class SegmentationDataModule(L.LightningDataModule):
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("samples_per_volume", samples_per_volume, 1),
-            ("queue_length", queue_length, 1),
             ("num_workers", num_workers, 0),
             ("num_folds", num_folds, 2),
         ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if queue_length < samples_per_volume:
-            raise ValueError(
-                f"queue_length ({queue_length}) must be >= samples_per_volume ({samples_per_volume})"
+        if queue_length is not None:
+            warnings.warn(
+                "SegmentationDataModule(queue_length=...) is deprecated and ignored: every training patch is "
+                "read and augmented on its own in the DataLoader workers (no tio.Queue); remove the option",
+                FutureWarning,
+                stacklevel=2,
             )
+        if oversampling not in OVERSAMPLING:
+            raise ValueError(f"oversampling must be one of {OVERSAMPLING}, got {oversampling!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if fold is not None and not (isinstance(fold, int) and 0 <= fold < num_folds):
@@ -176,6 +186,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.target_spacing = None if target_spacing is None else tuple(float(s) for s in target_spacing)
         self.normalization = normalization
         self.foreground_probability = float(foreground_probability)
+        self.oversampling = oversampling
         self.augment = augment
         self.cache_dir = cache_dir
         self.predict_dir = predict_dir
@@ -395,23 +406,26 @@ class SegmentationDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------- loaders
 
-    def train_transform(self) -> tio.Transform | None:
-        """The augmentation applied to training subjects (``None`` when ``augment=False``)."""
-        return nnunet_augmentation() if self.augment else None
+    def train_augmentation(self) -> PatchAugmentation | None:
+        """The augmentation applied to each training patch (``None`` when ``augment=False``)."""
+        return PatchAugmentation() if self.augment else None
 
     def train_dataloader(self) -> DataLoader:
         if not self.train_subjects:
             raise RuntimeError("no training subjects: call prepare_data() and setup('fit') first")
+        world, rank = distributed_world()
         loader = patch_loader(
             self.train_subjects,
-            self.train_transform(),
+            self.train_augmentation(),
             patch_size=self.patch_size,
             batch_size=self.batch_size,
             samples_per_volume=self.samples_per_volume,
-            queue_length=self.queue_length,
             num_workers=self.num_workers,
             foreground_probability=self.foreground_probability,
+            oversampling=self.oversampling,
             seed=self.seed,
+            world=world,
+            rank=rank,
             iterations_per_epoch=self.iterations_per_epoch,
             on_iter=self._start_epoch_stream,
             module=self,
@@ -419,7 +433,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.train_subject_sampler = loader.subject_sampler
         return loader
 
-    def _start_epoch_stream(self, loader: _TrainLoader) -> None:
+    def _start_epoch_stream(self, loader: TrainLoader) -> None:
         """Restart the patch stream of ``loader`` at the current epoch (the Trainer's, else the loader's
         count of ``iter()`` calls). The
         first ``iter()`` after a checkpoint was loaded starts at the saved position instead: the Trainer may
@@ -433,12 +447,9 @@ class SegmentationDataModule(L.LightningDataModule):
             epoch = int(self.trainer.current_epoch)
         else:
             epoch = loader.next_epoch
-        queue = loader.dataset.queue
-        queue.restart(epoch)
         if skip:
             logger.info("resuming epoch %d of the patch stream after %d batch(es)", epoch, skip)
-            for _ in range(skip * self.batch_size):
-                queue[0]
+        loader.stream_sampler.set_position(epoch, skip * self.batch_size)
         loader.next_epoch = epoch + 1
 
     def state_dict(self) -> dict[str, Any]:

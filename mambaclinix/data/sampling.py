@@ -1,4 +1,7 @@
-"""Foreground-oversampling patch sampler for ``tio.Queue`` (nnU-Net's sampling).
+"""Foreground-oversampling patch sampler for a ``tio.Queue`` of your own (nnU-Net's sampling, per patch).
+
+:class:`~mambaclinix.data.datamodule.SegmentationDataModule` does not use it: its patch stream
+(:mod:`mambaclinix.data.patches`) oversamples per batch, as nnU-Net does.
 
 Each patch is, with probability ``foreground_probability`` (default 1/3, nnU-Net's
 ``oversample_foreground_percent``), centred on a random foreground voxel: a class is drawn uniformly

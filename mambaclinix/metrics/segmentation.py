@@ -68,6 +68,22 @@ class _PerClassCaseMean(Metric):
         return per_class if self.average == "none" else per_class.mean()
 
 
+class _SpacingAware(_PerClassCaseMean):
+    """A per-class case mean whose value depends on the voxel spacing (a default, overridable per batch)."""
+
+    def _per_class(self, preds: torch.Tensor, target: torch.Tensor, spacing) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(
+        self,
+        preds: torch.Tensor,
+        target: torch.Tensor,
+        spacing: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch; ``spacing`` (``(D,)`` or per sample ``(B, D)``) overrides the default."""
+        self._accumulate(self._per_class(preds, target, self.spacing if spacing is None else spacing))
+
+
 class PerClassDice(_PerClassCaseMean):
     """Per-class Dice averaged over cases (both empty → 1, one empty → 0).
 
@@ -91,7 +107,7 @@ class PerClassDice(_PerClassCaseMean):
         )
 
 
-class HausdorffDistance95(_PerClassCaseMean):
+class HausdorffDistance95(_SpacingAware):
     """Per-class HD95 in mm averaged over cases, spacing-aware (MONAI's HD95 convention).
 
     Args:
@@ -129,28 +145,20 @@ class HausdorffDistance95(_PerClassCaseMean):
         self.percentile = float(percentile)
         self.empty_distance = None if empty_distance is None else float(empty_distance)
 
-    def update(
-        self,
-        preds: torch.Tensor,
-        target: torch.Tensor,
-        spacing: Sequence[float] | np.ndarray | torch.Tensor | None = None,
-    ) -> None:
-        """Add one batch; ``spacing`` (``(D,)`` or per sample ``(B, D)``) overrides the default."""
-        self._accumulate(
-            per_class_hd95(
-                preds,
-                target,
-                self.num_classes,
-                self.spacing if spacing is None else spacing,
-                self.include_background,
-                self.spatial_dims,
-                self.percentile,
-                self.empty_distance,
-            )
+    def _per_class(self, preds: torch.Tensor, target: torch.Tensor, spacing) -> torch.Tensor:
+        return per_class_hd95(
+            preds,
+            target,
+            self.num_classes,
+            spacing,
+            self.include_background,
+            self.spatial_dims,
+            self.percentile,
+            self.empty_distance,
         )
 
 
-class NormalizedSurfaceDice(_PerClassCaseMean):
+class NormalizedSurfaceDice(_SpacingAware):
     """Per-class normalised surface Dice at tolerance τ mm, averaged over cases, spacing-aware.
 
     Args:
@@ -186,21 +194,13 @@ class NormalizedSurfaceDice(_PerClassCaseMean):
             )
         self.tolerance = float(taus[0]) if len(taus) == 1 else tuple(float(t) for t in taus)
 
-    def update(
-        self,
-        preds: torch.Tensor,
-        target: torch.Tensor,
-        spacing: Sequence[float] | np.ndarray | torch.Tensor | None = None,
-    ) -> None:
-        """Add one batch; ``spacing`` (``(D,)`` or per sample ``(B, D)``) overrides the default."""
-        self._accumulate(
-            per_class_nsd(
-                preds,
-                target,
-                self.num_classes,
-                self.tolerance,
-                self.spacing if spacing is None else spacing,
-                self.include_background,
-                self.spatial_dims,
-            )
+    def _per_class(self, preds: torch.Tensor, target: torch.Tensor, spacing) -> torch.Tensor:
+        return per_class_nsd(
+            preds,
+            target,
+            self.num_classes,
+            self.tolerance,
+            spacing,
+            self.include_background,
+            self.spatial_dims,
         )
