@@ -40,6 +40,7 @@ def test_recipe_numbers(tmp_path, name):
     assert trainer.max_epochs == 1000
     assert dm.hparams.iterations_per_epoch == 250 and dm.hparams.batch_size == 2
     assert trainer.limit_train_batches == 1.0  # the epoch length comes from the data module alone
+    assert dm.hparams.oversampling == "batch" and dm.hparams.augment is True
     # preprocessing: 3rd-order images, one-hot linear labels
     assert (dm.hparams.image_interpolation, dm.hparams.label_interpolation) == ("bspline", "onehot_linear")
     # optimiser, schedule, clipping
