@@ -17,7 +17,7 @@ from _synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.patch_size=[16,16,16]", "--data.num_workers=0", "--data.samples_per_volume=2",
-         "--data.batch_size=2", "--data.queue_length=4", "--trainer.accelerator=cpu",
+         "--data.batch_size=2", "--trainer.accelerator=cpu",
          "--trainer.enable_progress_bar=false"]  # fmt: skip
 
 
