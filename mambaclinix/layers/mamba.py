@@ -190,5 +190,6 @@ class MambaLayer(nn.Module):
             x32 = _fp32_or_wider(x)
             tokens = x32.flatten(2).transpose(1, 2)  # (B, L, C), W fastest
             y = self.proj(self.norm(self.mamba(self.norm(tokens))))
-            out = y.transpose(1, 2).reshape(x32.shape) + x32
+            # x32 first: the sum takes its (contiguous) layout, not the token-major one of y.
+            out = x32 + y.transpose(1, 2).reshape(x32.shape)
         return out.to(x.dtype)
