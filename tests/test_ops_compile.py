@@ -120,3 +120,13 @@ def test_tiny_network_traces_whole():
     assert "mambaclinix.selective_scan_fwd.default" in targets
     with torch.no_grad():
         torch.testing.assert_close(_first(exported.module()(x)), _first(model(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_mamba_layer_output_is_contiguous():
+    """The residual sum takes the input's layout, not the token-major strides of the Mamba output (the
+    convolutions after the layer would otherwise run on channels-last tensors)."""
+    layer = MambaLayer(8, d_state=4, scan_backend="chunked")
+    x = torch.randn(2, 8, 3, 4, 5)
+    y = layer(x)
+    assert y.is_contiguous()
+    assert y.stride() == x.stride()
