@@ -1,11 +1,10 @@
-"""Helpers shared by the benchmark scripts: machine description, timing, peak-memory sampling."""
+"""Helpers shared by the benchmark scripts: machine description, the timer, the peak-memory measure."""
 
 from __future__ import annotations
 
 import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
@@ -57,12 +56,15 @@ def sync(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
-    """Wall times (s) of ``repeats`` calls after ``warmup`` calls, synchronising the device."""
+    """Wall times (s) of ``repeats`` calls after ``warmup`` calls, the device synchronised around each.
+
+    The one timer of every benchmark script (``time.perf_counter``).
+    """
     for _ in range(warmup):
         fn()
-    sync(device)
     times = []
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)
@@ -74,40 +76,56 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# --------------------------------------------------------------------------------------------------
+# Peak memory: the one measure of every benchmark script.
+#
+# CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, not the caching allocator's reserve).
+# CPU: the process's peak resident set, ``VmHWM`` of ``/proc/self/status``, which the kernel tracks
+# exactly and which writing "5" to ``/proc/self/clear_refs`` resets to the current RSS (Linux >= 4.0;
+# the CPU measure needs Linux).
+# Run each CPU measurement in a fresh process: freed memory is not always returned to the OS.
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory (bytes) that one call adds on top of what was allocated before it.
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
 
-    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the call. CPU: the peak of
-    the process's resident set size, sampled every millisecond by a thread, minus the RSS before the
-    call (run each measurement in a fresh process: freed memory is not always returned to the OS).
+
+def current_memory(device: torch.device) -> int:
+    """Bytes in use now: allocated tensors on CUDA, the resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _status_bytes("VmRSS")
+
+
+def reset_peak(device: torch.device) -> int:
+    """Reset the peak (CUDA allocator statistics, or the CPU's ``VmHWM``); returns :func:`current_memory`.
+
+    Raises:
+        OSError: on the CPU, where ``/proc/self/clear_refs`` cannot be written (not Linux).
     """
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    return current_memory(device)
+
+
+def peak_since_reset(device: torch.device) -> int:
+    """Peak bytes since the last :func:`reset_peak` (absolute: subtract that call's return value)."""
+    if device.type == "cuda":
         sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    before = _rss_bytes()
-    peak = before
-    stop = threading.Event()
+        return torch.cuda.max_memory_allocated(device)
+    return _status_bytes("VmHWM")
 
-    def sample():
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, _rss_bytes())
-            time.sleep(0.001)
 
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    try:
-        fn()
-    finally:
-        stop.set()
-        th.join()
-    return max(peak, _rss_bytes()) - before
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory (bytes) that one call of ``fn`` adds on top of what was in use before it."""
+    before = reset_peak(device)
+    fn()
+    return peak_since_reset(device) - before

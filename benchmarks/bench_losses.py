@@ -8,24 +8,23 @@ Each case: ``--warmup`` untimed calls, then ``--repeats`` timed calls of ``loss(
 (device synchronised), reported as the median in ms with min/max. Ratios compare ours with MONAI's
 equivalent measured in the same process. Machine, versions, threads, device, dtype and input size are
 printed beside the figures and written to ``--json``. Peak memory: ``torch.cuda.max_memory_allocated``
-per case on CUDA; on CPU only the process's max RSS so far (monotone, so an upper bound per case).
+per case on CUDA; on the CPU the peak resident set above the start of the timed calls (``VmHWM``,
+reset per case).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, sync  # noqa: E402
+from _common import machine_info, peak_since_reset, reset_peak, time_call  # noqa: E402
 
 from mambaclinix.losses import DiceCELoss, DiceCETverskyLoss, RegionSpecificTverskyLoss, TverskyLoss
 
@@ -69,38 +68,29 @@ RATIOS = [  # (ours, MONAI reference)
 ]
 
 
-def max_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20  # KiB on Linux, bytes on macOS
-
-
 def time_case(loss: Callable, x: torch.Tensor, y: torch.Tensor, warmup: int, repeats: int) -> dict:
     """Median / min / max wall time (ms) of forward + backward, and peak memory (MB)."""
     device = x.device
-    for _ in range(warmup):
+    last = {}
+
+    def step():
         x.grad = None
-        loss(x, y).backward()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    value = float("nan")
-    for _ in range(repeats):
-        x.grad = None
-        sync(device)
-        t0 = time.perf_counter()
         out = loss(x, y)
         out.backward()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-        value = float(out.detach())
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else max_rss_mb()
+        last["value"] = out.detach()
+
+    for _ in range(warmup):
+        step()
+    base = reset_peak(device)
+    times = [t * 1e3 for t in time_call(step, device, repeats, warmup=0)]
+    peak = (peak_since_reset(device) - base) / 2**20
+    value = float(last["value"]) if last else float("nan")
     return {
         "median_ms": statistics.median(times),
         "min_ms": min(times),
         "max_ms": max(times),
         "peak_mb": peak,
-        "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS so far",
+        "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS above the start",
         "loss_value": value,
     }
 

@@ -50,7 +50,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, sync  # noqa: E402
+from _common import (  # noqa: E402
+    current_memory,
+    machine_info,
+    peak_since_reset,
+    reset_peak,
+    time_call,
+)
 from _flops import build_on_meta, count_macs, count_params  # noqa: E402
 from _zoo import BASELINE, MODELS, NUM_CLASSES, Unavailable, build_model  # noqa: E402
 
@@ -58,52 +64,11 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------------
-# memory
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-            f.write("5")
-
-
-def _peak(device: torch.device, base: int) -> int:
-    if device.type == "cuda":
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    return _status_kb("VmHWM") - base
-
-
-def _current(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return _status_kb("VmRSS")
-
-
-# ----------------------------------------------------------------------------------------------------
 # one model, one size: timings and memory (runs in the child process on CPU)
 
 
 def _timed(fn, device, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
+    return time_call(fn, device, n, warmup=0)
 
 
 def scan_backend_used(device: torch.device) -> str:
@@ -121,7 +86,7 @@ def measure(name: str, size: int, args, sw: bool = True) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
         torch.cuda.empty_cache()
-    base = _current(device)
+    base = current_memory(device)
     model = build_model(name, patch).to(device)
     x = torch.randn(args.batch, 1, *patch, device=device)
     labels = torch.randint(0, NUM_CLASSES, (args.batch, *patch), device=device)
@@ -139,11 +104,11 @@ def measure(name: str, size: int, args, sw: bool = True) -> dict:
     res: dict = {}
     # inference
     model.eval()
-    _reset_peak(device)
+    reset_peak(device)
     with torch.inference_mode():
         _timed(lambda: forward(x), device, args.warmup)
         res["infer_s"] = [t / args.batch for t in _timed(lambda: forward(x), device, args.repeats)]
-    res["infer_peak_bytes"] = _peak(device, base)
+    res["infer_peak_bytes"] = peak_since_reset(device) - base
     # training
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-5, weight_decay=1e-5)
@@ -156,10 +121,10 @@ def measure(name: str, size: int, args, sw: bool = True) -> dict:
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    _reset_peak(device)
+    reset_peak(device)
     _timed(train_step, device, max(args.warmup, 1))  # the first step allocates Adam's state
     res["train_s"] = _timed(train_step, device, args.repeats)
-    res["train_peak_bytes"] = _peak(device, base)
+    res["train_peak_bytes"] = peak_since_reset(device) - base
     # sliding window over a whole volume (after training, so that the training peak never includes it)
     opt.state.clear()  # Adam's moments
     model.zero_grad(set_to_none=True)

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import machine_info  # noqa: E402
+from _common import machine_info, peak_since_reset, reset_peak  # noqa: E402
 
 from mambaclinix.planning.memory import (  # noqa: E402
     TERMS,
@@ -196,14 +196,6 @@ def train_steps(net, patch, batch, classes, device, precision="32-true", steps=2
 # ---------------------------------------------------------------------------------------------------- cpu
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def cpu_warmup() -> None:
     """Compile/load the scan kernel and the conv paths on a tiny model, so that the baseline has them."""
     from mambaclinix.models import MambaClinixUNet
@@ -214,13 +206,11 @@ def cpu_warmup() -> None:
 
 def reset_peak_rss() -> int:
     """Reset the process's peak RSS (VmHWM) and return the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
+    return reset_peak(torch.device("cpu"))
 
 
 def peak_rss_since_reset() -> int:
-    return _status_kib("VmHWM") * 1024
+    return peak_since_reset(torch.device("cpu"))
 
 
 def cpu_single(point: dict, threads: int) -> dict:

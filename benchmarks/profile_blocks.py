@@ -17,14 +17,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, sync  # noqa: E402
+from _common import machine_info, time_call  # noqa: E402
 from _flops import count_macs  # noqa: E402
 from _zoo import MODELS, build_model  # noqa: E402
 
@@ -139,14 +138,7 @@ def profile(model: nn.Module, x: torch.Tensor, names: list[str], repeats: int) -
             out = out[0] if isinstance(out, (list, tuple)) else out
             out.sum().backward()
 
-        step()
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        times = time_call(step, device, repeats, warmup=1)
         for p in mod.parameters():
             p.grad = None
         macs = (

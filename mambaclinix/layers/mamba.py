@@ -215,7 +215,8 @@ class MambaLayer(nn.Module):
             tokens = grid.flatten(2).transpose(1, 2)  # (B, L, C)
             y = self.proj(self.norm(self.mamba(self.norm(tokens))))
             y = y.transpose(1, 2).reshape(grid.shape)
-            out = (y.permute(reverse) if self.scan_order == "F" else y) + x32
+            # x32 first: the sum takes its (contiguous) layout, not the token-major one of y.
+            out = x32 + (y.permute(reverse) if self.scan_order == "F" else y)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -119,8 +119,13 @@ def _auto(device_type: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Turn a requested backend (or ``None`` for the process default) into a concrete one for ``device``.
+
+    Under ``torch.compile`` and ``torch.export`` this runs once, while tracing, and its result is a
+    constant of the compiled graph: a later ``set_default_backend`` or environment change does not
+    reach a model compiled before it.
 
     Raises:
         ValueError: unknown name, or a backend that cannot run on ``device``.

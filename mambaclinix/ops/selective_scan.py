@@ -13,7 +13,11 @@ selective_scan_fn``:
   ``(B, E, N)`` in float32 (float64 for float64 inputs). Half-precision inputs are computed in float32.
 
 :func:`selective_scan_ref` is the sequential reference the tests trust. See :mod:`mambaclinix.ops.backend`
-for how the fast implementation is chosen.
+for how the fast implementation is chosen. The ``"numba"`` and ``"triton"`` kernels run as the
+``torch.library`` custom ops of :mod:`mambaclinix.ops._scan_ops` (fake implementations, registered
+backward), so ``torch.compile`` traces a model through them without a graph break and ``torch.export``
+records each call as one ``mambaclinix.selective_scan_fwd`` node; ``"reference"`` and ``"chunked"``
+are plain PyTorch and trace as such.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mambaclinix.ops._scan_ops import OP_BACKENDS, scan_core
 from mambaclinix.ops.backend import resolve_backend
 
 __all__ = ["selective_scan", "selective_scan_ref"]
@@ -115,103 +120,6 @@ def _core_chunked(u, delta, A, B, C, chunk):
 
 
 # --------------------------------------------------------------------------------------------------
-# "numba": fused CPU kernel with a hand-written backward.
-
-
-def _padded_t(x, width: int, value: float = 0.0):
-    """``(..., E, M)`` -> contiguous ``(..., M, width)``, channels padded with ``value`` (small tensors)."""
-    x = x.detach().transpose(-1, -2)
-    return F.pad(x, (0, width - x.shape[-1]), value=value).contiguous()
-
-
-class _NumbaScan(torch.autograd.Function):
-    """Fused CPU kernel. ``u``, ``delta``, ``y`` and their gradients stay in the ``(B, E, L)`` layout;
-    only the small ``A``, ``B``, ``C`` and state tensors are transposed."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, chunk: int):
-        from mambaclinix.ops import _scan_numba as k
-
-        k.set_threads(torch.get_num_threads())
-        nb, E, L = u.shape
-        N = A.shape[1]
-        Ep = -(-E // k.LANES) * k.LANES
-        u, delta = u.detach().contiguous(), delta.detach().contiguous()
-        AT = _padded_t(A, Ep, value=-1.0)  # (N, Ep)
-        Bt, Ct = B.detach().transpose(1, 2).contiguous(), C.detach().transpose(1, 2).contiguous()
-        y = u.new_empty(nb, E, L)
-        hs = u.new_empty(nb, -(-L // chunk), N, Ep)
-        last = u.new_empty(nb, N, Ep)
-        k.scan_fwd(u.numpy(), delta.numpy(), AT.numpy(), Bt.numpy(), Ct.numpy(), chunk,
-                   y.numpy(), hs.numpy(), last.numpy())  # fmt: skip
-        ctx.save_for_backward(u, delta, AT, Bt, Ct, hs)
-        ctx.chunk = chunk
-        return y, last[..., :E].transpose(1, 2)
-
-    @staticmethod
-    def backward(ctx, dy, dlast):
-        from mambaclinix.ops import _scan_numba as k
-
-        u, delta, AT, Bt, Ct, hs = ctx.saved_tensors
-        nb, E, L = u.shape
-        N, Ep = AT.shape
-        threads = torch.get_num_threads()
-        k.set_threads(threads)
-        groups = max(1, min(Ep // k.LANES, -(-2 * threads // nb)))
-        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype).contiguous()
-        dlastT = u.new_zeros(nb, N, Ep) if dlast is None else _padded_t(dlast.to(u.dtype), Ep)
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        dA = torch.empty(nb, N, Ep, dtype=torch.float64)
-        dB = u.new_empty(groups, nb, L, N)
-        dC = u.new_empty(groups, nb, L, N)
-        k.scan_bwd(u.numpy(), delta.numpy(), AT.numpy(), Bt.numpy(), Ct.numpy(), ctx.chunk, hs.numpy(),
-                   dy.numpy(), dlastT.numpy(), groups, du.numpy(), ddelta.numpy(), dA.numpy(),
-                   dB.numpy(), dC.numpy())  # fmt: skip
-        dt = u.dtype
-        dB = dB.sum(0, dtype=torch.float64).to(dt).transpose(1, 2)
-        dC = dC.sum(0, dtype=torch.float64).to(dt).transpose(1, 2)
-        dA = dA.sum(0)[:, :E].t().to(dt)
-        return du, ddelta, dA, dB, dC, None
-
-
-def _core_numba(u, delta, A, B, C, chunk):
-    return _NumbaScan.apply(u, delta, A, B, C, chunk)
-
-
-# --------------------------------------------------------------------------------------------------
-# "triton": chunked parallel scan for GPUs without mamba-ssm.
-
-
-class _TritonScan(torch.autograd.Function):
-    """Triton kernels (:mod:`mambaclinix.ops._scan_triton`); the backward recomputes each chunk."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, chunk: int):
-        from mambaclinix.ops import _scan_triton as k
-
-        u, delta, A, B, C = (t.detach().contiguous() for t in (u, delta, A, B, C))
-        y, hs, last = k.scan_fwd(u, delta, A, B, C, chunk)
-        ctx.save_for_backward(u, delta, A, B, C, hs)
-        ctx.chunk = chunk
-        return y, last
-
-    @staticmethod
-    def backward(ctx, dy, dlast):
-        from mambaclinix.ops import _scan_triton as k
-
-        u, delta, A, B, C, hs = ctx.saved_tensors
-        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype).contiguous()
-        nb, E, _ = u.shape
-        dlast = u.new_zeros(nb, E, A.shape[1]) if dlast is None else dlast.to(u.dtype).contiguous()
-        du, ddelta, dA, dB, dC = k.scan_bwd(u, delta, A, B, C, hs, dy, dlast, ctx.chunk)
-        return du, ddelta, dA, dB, dC, None
-
-
-def _core_triton(u, delta, A, B, C, chunk):
-    return _TritonScan.apply(u, delta, A, B, C, chunk)
-
-
-# --------------------------------------------------------------------------------------------------
 
 
 def selective_scan(
@@ -266,8 +174,10 @@ def selective_scan(
         delta = delta + delta_bias.to(ct)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    core = {"numba": _core_numba, "triton": _core_triton}.get(name, _core_chunked)
-    y, last = core(u, delta, A, B, C, chunk)
+    if name in OP_BACKENDS:
+        y, last = scan_core(u, delta, A, B, C, chunk, name)
+    else:
+        y, last = _core_chunked(u, delta, A, B, C, chunk)
     if D is not None:
         y = y + u * D.to(ct)[:, None]
     if z is not None:
