@@ -27,7 +27,7 @@ SOURCE = ROOT / PACKAGE
 TOP = PACKAGE  # the "package" of mambaclinix/__init__.py itself
 
 _LOW = {"utils", "ops", "layers", "models", "losses", "metrics", "inference", "configs"}
-_EVERYTHING = _LOW | {"data", "planning", "training", "demo", TOP}
+_EVERYTHING = _LOW | {"data", "planning", "training", "deploy", "demo", TOP}
 
 # Which of our packages (first component under mambaclinix/; a top-level module such as cli.py counts as
 # a package of its own) each package may import. Imports inside a package are always allowed.
@@ -45,6 +45,8 @@ ALLOWED: dict[str, set[str]] = {
     # imports only models, which planning may import anyway.
     "planning": {"data", "models", "layers", "ops", "inference", "utils", TOP},
     "training": {"data", "models", "layers", "ops", "losses", "metrics", "inference", "utils"},
+    # ONNX export and onnxruntime inference of a network; the CLI and the model package build on it.
+    "deploy": {"models", "layers", "ops", "inference", "utils"},
     "demo": _EVERYTHING - {"demo"},
     "cli": _EVERYTHING,
     TOP: {"models"},  # `import mambaclinix` stays as light as the network itself
