@@ -231,3 +231,34 @@ def test_small_preset_parity_48(tmp_path):
 @pytest.mark.slow  # about 30 s on two cores
 def test_paper_preset_parity_64(tmp_path):
     assert _parity("mambaclinix_paper", 64, tmp_path) < 1e-4
+
+
+def test_bench_deploy_script_runs(tmp_path):
+    """benchmarks/bench_deploy.py end to end at toy size (eager and onnxruntime), so that it does not rot."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_deploy.py"
+    spec = importlib.util.spec_from_file_location("bench_deploy", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "deploy.json"
+    argv = [
+        "--preset",
+        "mambaclinix_tiny",
+        "--patch",
+        "16",
+        "--volume",
+        "24",
+        "--repeats",
+        "2",
+        "--no-compile",
+    ]
+    bench.main([*argv, "--json", str(out)])
+    result = json.loads(out.read_text())
+    engines = result["engines"]
+    assert set(engines) == {"eager", "onnxruntime"}
+    assert engines["eager"]["ratio_to_eager"] == 1.0 and len(engines["onnxruntime"]["times_s"]) == 2
+    assert engines["onnxruntime"]["rel_diff_to_eager"] < 1e-4
+    assert result["onnx_bytes"] > 0 and result["machine"]["onnxruntime"]
