@@ -135,6 +135,7 @@ def test_export_mode_substitutes_and_restores():
         with torch.no_grad():
             inside = net(x)
     assert net.training and net.deep_supervision is True
+    assert net.encoder.training and net.decoder.training  # the parts, which the U-Net does not register
     assert all("forward" not in vars(m) for m in mambas)
     assert all(type(m).forward is m.forward.__func__ for m in mambas)
     # inside: the same function of the input as the network's own scan

@@ -122,6 +122,7 @@ def onnx_export_mode(network: nn.Module, scan_chunk: int = 32) -> Iterator[nn.Mo
             vars(m).pop("_onnx_scan_chunk", None)
         if had_ds:
             network.deep_supervision = ds
+        network.train(modes[network])  # a network may set flags of modules it does not register
         for m, training in modes.items():
             m.training = training
 
