@@ -304,6 +304,20 @@ def test_the_onnx_engine_runs_the_packaged_onnx_file(tmp_path, monkeypatch):
         Predictor(plain, engine="onnx")
 
 
+def test_the_onnx_engine_predicts_the_torch_engine_labels(tmp_path):
+    """The real export: a package written with ``onnx=True`` predicts with onnxruntime the label maps of
+    the PyTorch engine (the logits agree to float32 rounding)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    pkg = export_package([_checkpoint(tmp_path / "a.ckpt")], tmp_path / "pkg", onnx=True)
+    assert (pkg / "fold_0.onnx").is_file()
+    image = _image(tmp_path / "img.nii.gz")
+    onnx = Predictor(pkg, engine="onnx").predict(image)
+    torch_labels = Predictor(pkg, device="cpu").predict(image)
+    assert onnx.shape == torch_labels.shape
+    assert float((onnx == torch_labels).mean()) > 0.999
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 

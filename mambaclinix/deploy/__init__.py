@@ -5,14 +5,18 @@
 * :func:`~mambaclinix.deploy.package.read_package` opens one safely (nothing is unpickled);
   :func:`~mambaclinix.deploy.predictor.load_model` returns its network and
   :class:`~mambaclinix.deploy.predictor.Predictor` segments images with it (``mambaclinix predict -i -o -m``).
+* :func:`~mambaclinix.deploy.onnx.export_onnx` writes the whole network, Mamba layers included, as
+  standard ONNX operators (the selective scan in the closed form of
+  :func:`~mambaclinix.deploy.scan.selective_scan_chunked_closed_form`);
+  :class:`~mambaclinix.deploy.onnx.OnnxNetwork` runs the file with onnxruntime as a drop-in predictor for
+  :func:`mambaclinix.inference.sliding_window_inference`. onnx, onnxruntime and onnxscript are imported
+  on first use (``pip install "mambaclinix[onnx]"``).
 
 The names are loaded on first access, so that the training module can import
 :mod:`mambaclinix.deploy.checkpoint` without the rest.
 """
 
-from __future__ import annotations
-
-import importlib
+from mambaclinix.utils.lazy import lazy_attributes
 
 _LAZY = {
     "ModelPackage": "mambaclinix.deploy.package",
@@ -22,14 +26,12 @@ _LAZY = {
     "export_package": "mambaclinix.deploy.package",
     "load_model": "mambaclinix.deploy.predictor",
     "read_package": "mambaclinix.deploy.package",
+    "OnnxNetwork": "mambaclinix.deploy.onnx",
+    "export_onnx": "mambaclinix.deploy.onnx",
+    "onnx_export_mode": "mambaclinix.deploy.onnx",
+    "selective_scan_chunked_closed_form": "mambaclinix.deploy.scan",
 }
 
 __all__ = [*_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mambaclinix.deploy' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -15,12 +15,14 @@ def import_onnx_module():
     """
     import importlib
 
-    # The name is built at run time: tests/test_layering.py resolves a literal module name that does not
-    # exist (yet) to this package's __init__, which would read as an import cycle.
-    name = __name__.rsplit(".", 1)[0] + ".onnx"
     try:
-        return importlib.import_module(name)
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+        module = importlib.import_module("mambaclinix.deploy.onnx")
     except ImportError as err:
         raise PackageError(
-            f"ONNX export and the onnx engine need {name}, onnx and onnxruntime ({err})"
+            "ONNX export and the onnx engine need onnx and onnxruntime: "
+            f"pip install 'mambaclinix[onnx]' ({err})"
         ) from err
+    return module

@@ -208,16 +208,20 @@ class MambaLayer(nn.Module):
                 f"MambaLayer expects (batch, channels={self.dim}, *spatial), got {tuple(x.shape)}"
             )
         with _no_autocast(x.device.type):
-            x32 = _fp32_or_wider(x)
-            # "F": reversing the spatial axes makes the first one the fastest of a row-major flatten
-            reverse = (0, 1, *range(x.dim() - 1, 1, -1))
-            grid = x32.permute(reverse) if self.scan_order == "F" else x32
-            tokens = grid.flatten(2).transpose(1, 2)  # (B, L, C)
-            y = self.proj(self.norm(self.mamba(self.norm(tokens))))
-            y = y.transpose(1, 2).reshape(grid.shape)
-            # x32 first: the sum takes its (contiguous) layout, not the token-major one of y.
-            out = x32 + (y.permute(reverse) if self.scan_order == "F" else y)
+            out = self.residual(_fp32_or_wider(x))
         return out.to(x.dtype)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + proj(norm(mamba(norm(tokens(x)))))`` for a float32/64 ``x``, without the autocast guard
+        and the checks of :meth:`forward` (the ONNX export traces this)."""
+        # "F": reversing the spatial axes makes the first one the fastest of a row-major flatten
+        reverse = (0, 1, *range(x.dim() - 1, 1, -1))
+        grid = x.permute(reverse) if self.scan_order == "F" else x
+        tokens = grid.flatten(2).transpose(1, 2)  # (B, L, C)
+        y = self.proj(self.norm(self.mamba(self.norm(tokens))))
+        y = y.transpose(1, 2).reshape(grid.shape)
+        # x first: the sum takes its (contiguous) layout, not the token-major one of y.
+        return x + (y.permute(reverse) if self.scan_order == "F" else y)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, scan_order={self.scan_order!r}"
