@@ -69,10 +69,8 @@ class _PerClassCaseMean(Metric):
 
 
 class _SpacingAware(_PerClassCaseMean):
-    """A per-class case mean whose value depends on the voxel spacing (a default, overridable per batch)."""
-
-    def _per_class(self, preds: torch.Tensor, target: torch.Tensor, spacing) -> torch.Tensor:
-        raise NotImplementedError
+    """A per-class case mean whose value depends on the voxel spacing (a default, overridable per batch);
+    subclasses define ``_per_class(preds, target, spacing)``, the ``(B, C)`` values of one batch."""
 
     def update(
         self,
