@@ -195,3 +195,29 @@ def test_build_error_is_reported(tmp_path, monkeypatch):
     finally:
         ca._library.cache_clear()
 
+
+def test_command_enables_it_unless_told_otherwise(monkeypatch, capsys):
+    from mambaclinix import cli
+
+    monkeypatch.setenv(cli.CPU_ALLOCATOR_ENV, "system")
+    assert cli.use_cpu_allocator() is False
+    assert not ca.is_cpu_caching_allocator_enabled()
+
+    monkeypatch.setenv(cli.CPU_ALLOCATOR_ENV, "jemalloc")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(["fit", "--trainer.max_epochs", "1"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "MAMBACLINIX_CPU_ALLOCATOR='jemalloc' is not a CPU allocator" in err and "caching, system" in err
+    assert not ca.is_cpu_caching_allocator_enabled()
+
+    monkeypatch.delenv(cli.CPU_ALLOCATOR_ENV)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(["export", "--help"])  # help: nothing runs, the allocator stays PyTorch's
+    assert exit_info.value.code == 0
+    assert not ca.is_cpu_caching_allocator_enabled()
+    try:
+        assert cli.use_cpu_allocator() is True
+        assert ca.is_cpu_caching_allocator_enabled()
+    finally:
+        ca.disable_cpu_caching_allocator()
