@@ -189,6 +189,21 @@ def test_plan_of_a_ct_dataset_uses_its_foreground_statistics(tmp_path):
     assert yaml.safe_load(config_path.read_text())["data"]["normalization"] == "zscore"
 
 
+def test_gpu_config_gets_loader_workers_for_the_gpu(datasets, tmp_path, monkeypatch):
+    """A GPU plan asks for 6 loader processes (one augments about 3.5 patches/s at 128³, MambaClinix on an
+    H200 takes 9.4/s), never more than the machine's cores less one; a CPU plan for one."""
+    from mambaclinix.planning import render
+
+    gpu = plan_dataset(datasets["iso"], accelerator="gpu", validate=False)
+    for cores, workers in ((32, 6), (4, 3), (1, 1), (None, 1)):
+        monkeypatch.setattr(render.os, "cpu_count", lambda cores=cores: cores)
+        _, config_path = write_plan(gpu, tmp_path / f"gpu{cores}")
+        assert yaml.safe_load(config_path.read_text())["data"]["num_workers"] == workers
+    cpu = plan_dataset(datasets["iso"], accelerator="cpu", memory_gb=1, validate=False)
+    _, config_path = write_plan(cpu, tmp_path / "cpu")
+    assert yaml.safe_load(config_path.read_text())["data"]["num_workers"] == 1
+
+
 def test_plan_of_an_anisotropic_dataset(datasets):
     plan = plan_dataset(datasets["aniso"])
     assert plan.target_spacing == pytest.approx([3.0, 0.8, 0.8])
