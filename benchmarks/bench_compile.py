@@ -7,7 +7,7 @@ call), each round times one call of every variant in turn, so noise from other p
 alike. Reported: medians over rounds, the compiled/eager ratio per round and its spread, and the largest
 difference between the compiled and the eager logits (same weights, same input).
 
-    python benchmarks/bench_compile.py --model mambaclinix_tiny --size 32 --batch 2 --rounds 5
+    python benchmarks/bench_compile.py --model mambaclinix_paper --size 64 --batch 2 --rounds 3
 """
 
 from __future__ import annotations
@@ -40,10 +40,18 @@ def main(argv=None) -> dict:
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
     p.add_argument("--mode", default=None, help="torch.compile mode")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--cpu-allocator", choices=("caching", "system"), default="caching",
+        help="caching: mambaclinix.ops.cpu_allocator, as the mambaclinix command trains; system: PyTorch's",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_allocator == "caching":
+        from mambaclinix.ops.cpu_allocator import enable_cpu_caching_allocator
+
+        enable_cpu_caching_allocator(strict=True)
     torch.manual_seed(0)
     model = create_model(args.model, deep_supervision=False)
     x = torch.randn(args.batch, model.in_channels, *(args.size,) * 3)

@@ -1,60 +1,120 @@
-"""Train step of MambaClinix against PlainConvUNet per MAC, with variants that test causes of the gap.
+"""Train step of MambaClinix against PlainConvUNet per MAC on the CPU, with each CPU memory allocator.
 
-One process, every variant timed in turn in each round (so noise from other processes reaches all alike):
+Every (variant, allocator) pair runs in a fresh process, and the rounds interleave them (round 1: every
+pair, round 2: every pair, ...), so that noise from other processes reaches all alike and no variant
+inherits another's heap. Variants:
 
 - ``nnunet_plain``: the baseline of every ratio (needs dynamic-network-architectures).
-- ``mambaclinix``: the paper preset as it is.
-- ``mambaclinix_tokens_layout``: the same, with each Mamba layer's output given the token-major strides
-  (channels innermost, as ``(B, L, C)`` transposed back) that it had before it was made contiguous;
-  the convolutions after it then run on channels-last tensors.
-- ``mambaclinix_numba1``: the scan's numba pool held to one thread (tests thread competition between
-  numba's pool and PyTorch's OpenMP threads on a small machine).
+- ``mambaclinix``: the paper preset.
+- ``mambaclinix_numba1``: the same with the scan's numba pool held to one thread (thread competition
+  between numba's pool and PyTorch's OpenMP threads on a small machine).
+- ``mambaclinix_tokens_layout``: the same with each Mamba layer's output given the token-major strides
+  (channels innermost) it had before it was made contiguous: the convolutions after it then run on
+  channels-last tensors.
 - ``conv3d``: one plain 3×3×3 Conv3d, 32 → 32 channels at the full patch size, forward + backward: the
-  arithmetic rate (GFLOP/s) a dense convolution reaches on this machine, beside the models' rates.
+  arithmetic rate (GFLOP/s) a dense convolution reaches on this machine, beside the networks' rates.
 
-Train step: ``zero_grad``, forward, cross-entropy on random labels, backward, Adam step (as
-``bench_models.py``). GFLOP/s of a step = 3 × 2 × forward MACs / time (backward = 2 × forward).
-Besides wall time, the process's CPU time per step is recorded (``time.process_time``, all threads):
-on a machine shared with other busy processes it is far less disturbed by them than wall time, though
-it also counts the spin-waiting of idle OpenMP threads.
+Allocators: ``system`` (PyTorch's default, i.e. glibc's malloc) and ``caching``
+(:func:`mambaclinix.ops.cpu_allocator.enable_cpu_caching_allocator`, what the ``mambaclinix`` command
+uses). A network's ratio is taken against PlainConvUNet under the same allocator, in the same round.
 
-    python benchmarks/bench_gap.py --size 96 --batch 2 --rounds 2
+Train step: ``zero_grad``, forward, cross-entropy on random labels, backward, Adam step. GFLOP/s of a step
+= 3 × 2 × forward MACs / time (backward = 2 × forward). After ``--warmup`` untimed steps, the child
+records per timed step its wall time, user and system CPU time, minor page faults and peak resident
+memory (``getrusage``).
+
+    python benchmarks/bench_gap.py --size 96 --batch 2 --rounds 2 --json docs/gap_cpu_96.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, median  # noqa: E402
-from _flops import count_macs  # noqa: E402
-from _zoo import NUM_CLASSES, build_model  # noqa: E402
-
-from mambaclinix.layers import mamba as mamba_mod  # noqa: E402
-from mambaclinix.ops import _scan_numba  # noqa: E402
-
-VARIANTS = ("nnunet_plain", "mambaclinix", "mambaclinix_tokens_layout", "mambaclinix_numba1", "conv3d")
-_state = {"tokens_layout": False, "numba1": False}
-_plain_forward = mamba_mod.MambaLayer.forward
-_set_threads = _scan_numba.set_threads
+VARIANTS = ("nnunet_plain", "mambaclinix", "mambaclinix_numba1", "mambaclinix_tokens_layout", "conv3d")
+ALLOCATORS = ("system", "caching")
 
 
-def _layer_forward(self, x):
-    out = _plain_forward(self, x)
-    if _state["tokens_layout"]:
-        return out.flatten(2).transpose(1, 2).contiguous().transpose(1, 2).reshape(out.shape)
-    return out
+def _child(variant: str, allocator: str, size: int, batch: int, steps: int, warmup: int) -> dict:
+    """Build ``variant``, run ``warmup`` steps and ``steps`` timed steps; per-step measurements."""
+    import torch
+    import torch.nn.functional as F
+
+    if allocator == "caching":
+        from mambaclinix.ops.cpu_allocator import enable_cpu_caching_allocator
+
+        enable_cpu_caching_allocator(strict=True)
+    if variant == "mambaclinix_numba1":
+        from mambaclinix.ops import _scan_numba
+
+        set_threads = _scan_numba.set_threads
+        _scan_numba.set_threads = lambda n: set_threads(1)
+    if variant == "mambaclinix_tokens_layout":
+        from mambaclinix.layers.mamba import MambaLayer
+
+        forward = MambaLayer.forward
+
+        def tokens_layout(self, x):
+            out = forward(self, x)
+            return out.flatten(2).transpose(1, 2).contiguous().transpose(1, 2).reshape(out.shape)
+
+        MambaLayer.forward = tokens_layout
+    from _flops import count_macs
+    from _zoo import NUM_CLASSES, build_model
+
+    patch = (size,) * 3
+    torch.manual_seed(0)
+    if variant == "conv3d":
+        conv = torch.nn.Conv3d(32, 32, 3, padding=1)
+        cx = torch.randn(batch, 32, *patch, requires_grad=True)
+        macs = 27 * 32 * 32 * batch * size**3
+
+        def step():
+            conv(cx).sum().backward()
+            conv.zero_grad(set_to_none=True)
+            cx.grad = None
+
+    else:
+        name = "nnunet_plain" if variant == "nnunet_plain" else "mambaclinix"
+        net = build_model(name, patch)
+        macs = count_macs(lambda: build_model(name, patch), (1, 1, *patch))["total"] * batch
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4, eps=1e-5, weight_decay=1e-5)
+        x = torch.randn(batch, 1, *patch)
+        labels = torch.randint(0, NUM_CLASSES, (batch, *patch))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), labels).backward()
+            opt.step()
+
+    for _ in range(warmup):  # Adam's state, numba's compilation, the caching allocator's blocks
+        step()
+    rows = []
+    for _ in range(steps):
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        step()
+        t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        rows.append({
+            "wall_s": t1 - t0,
+            "user_s": r1.ru_utime - r0.ru_utime,
+            "sys_s": r1.ru_stime - r0.ru_stime,
+            "minor_faults": r1.ru_minflt - r0.ru_minflt,
+            "peak_rss_mib": r1.ru_maxrss / 1024,
+        })  # fmt: skip
+    return {"macs": macs, "steps": rows}
 
 
-mamba_mod.MambaLayer.forward = _layer_forward
-_scan_numba.set_threads = lambda n: _set_threads(1 if _state["numba1"] else n)
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 def main(argv=None) -> dict:
@@ -62,67 +122,66 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=2, help="timed steps per process")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps first (the first creates Adam's state, so its "
+        "allocations differ from the later steps': the caching allocator needs the second one too)",
+    )
+    p.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=["nnunet_plain", "mambaclinix", "conv3d"]
+    )
+    p.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(ALLOCATORS))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--child", nargs=2, metavar=("VARIANT", "ALLOCATOR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    patch = (args.size,) * 3
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 1, *patch)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch, *patch))
-    nets = {name: build_model(name, patch) for name in ("nnunet_plain", "mambaclinix")}
-    macs = {
-        name: count_macs(lambda name=name: build_model(name, patch), (1, 1, *patch))["total"] * args.batch
-        for name in nets
-    }
-    conv = torch.nn.Conv3d(32, 32, 3, padding=1)
-    cx = torch.randn(args.batch, 32, *patch, requires_grad=True)
-    macs["conv3d"] = 27 * 32 * 32 * args.batch * args.size**3
-    opts = {
-        n: torch.optim.Adam(m.parameters(), lr=1e-4, eps=1e-5, weight_decay=1e-5) for n, m in nets.items()
-    }
+    if args.child:
+        print(json.dumps(_child(*args.child, args.size, args.batch, args.steps, args.warmup)))
+        return {}
 
-    def step(variant):
-        if variant == "conv3d":
-            conv(cx).sum().backward()
-            conv.zero_grad(set_to_none=True)
-            cx.grad = None
-            return
-        name = "nnunet_plain" if variant == "nnunet_plain" else "mambaclinix"
-        _state["tokens_layout"] = variant == "mambaclinix_tokens_layout"
-        _state["numba1"] = variant == "mambaclinix_numba1"
-        opts[name].zero_grad(set_to_none=True)
-        F.cross_entropy(nets[name](x), labels).backward()
-        opts[name].step()
+    from _common import machine_info
 
-    for v in dict.fromkeys("nnunet_plain" if v == "nnunet_plain" else v for v in args.variants):
-        step(v)  # warm-up (Adam's state, numba's compilation)
-    times = {v: [] for v in args.variants}
-    cpu = {v: [] for v in args.variants}
+    pairs = [(v, a) for a in args.allocators for v in args.variants]
+    runs: dict[str, list[dict]] = {f"{v}/{a}": [] for v, a in pairs}
+    macs: dict[str, int] = {}
     for r in range(args.rounds):
-        for v in args.variants:
-            t0, c0 = time.perf_counter(), time.process_time()
-            step(v)
-            times[v].append(time.perf_counter() - t0)
-            cpu[v].append(time.process_time() - c0)
-            print(f"round {r} {v}: {times[v][-1]:.2f} s wall, {cpu[v][-1]:.2f} s CPU", flush=True)
-    res = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_info(), "times_s": times,
-           "cpu_s": cpu}  # fmt: skip
-    base = "nnunet_plain" if "nnunet_plain" in times else None
+        for v, a in pairs:
+            cmd = [sys.executable, __file__, "--child", v, a, "--size", str(args.size), "--batch",
+                   str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            res = json.loads(out.strip().splitlines()[-1])
+            macs[v] = res["macs"]
+            runs[f"{v}/{a}"].append(res["steps"])
+            walls = ", ".join(f"{s['wall_s']:.2f}" for s in res["steps"])
+            print(f"round {r} {v}/{a}: wall {walls} s", flush=True)
+
     table = {}
-    for v, ts in times.items():
-        m = macs["conv3d" if v == "conv3d" else ("nnunet_plain" if v == "nnunet_plain" else "mambaclinix")]
-        row = {"median_s": median(ts), "gflops": 6 * m / median(ts) / 1e9, "median_cpu_s": median(cpu[v])}
-        if base and v != "conv3d":
-            # per-round ratios against the baseline of the same round, then their median and spread
-            ratios = [t / b for t, b in zip(ts, times[base], strict=True)]
-            row["train_ratio"] = median(ratios)
+    for key, rounds in runs.items():
+        v, a = key.split("/")
+        steps = [s for rnd in rounds for s in rnd]
+        row = {k: _median([s[k] for s in steps]) for k in steps[0]}
+        row["peak_rss_mib"] = max(s["peak_rss_mib"] for s in steps)
+        row["gflops"] = 6 * macs[v] / row["wall_s"] / 1e9
+        base = f"nnunet_plain/{a}"
+        if v != "conv3d" and base in runs:
+            # each round's median step against the baseline's in the same round, then their median
+            ratios = [_median([s["wall_s"] for s in mine]) / _median([s["wall_s"] for s in theirs])
+                      for mine, theirs in zip(rounds, runs[base], strict=True)]  # fmt: skip
+            mac_ratio = macs[v] / macs["nnunet_plain"]
+            row["train_ratio"] = _median(ratios)
             row["ratio_range"] = (min(ratios), max(ratios))
-            row["per_mac_ratio"] = median(ratios) / (m / macs["nnunet_plain"])
-            cpu_ratios = [t / b for t, b in zip(cpu[v], cpu[base], strict=True)]
-            row["per_mac_cpu_ratio"] = median(cpu_ratios) / (m / macs["nnunet_plain"])
-        table[v] = row
-        print(v, {k: (round(x, 3) if isinstance(x, float) else x) for k, x in row.items()})
-    res["table"] = table
+            row["per_mac_ratio"] = row["train_ratio"] / mac_ratio
+            cpu = [s["user_s"] + s["sys_s"] for s in steps]
+            cpu_base = [s["user_s"] + s["sys_s"] for rnd in runs[base] for s in rnd]
+            row["per_mac_cpu_ratio"] = _median(cpu) / _median(cpu_base) / mac_ratio
+        if f"{v}/system" in runs and a != "system":
+            row["speedup_vs_system"] = table[f"{v}/system"]["wall_s"] / row["wall_s"]
+        table[key] = row
+        print(key, {k: (round(x, 3) if isinstance(x, float) else x) for k, x in row.items()})
+    res = {"args": {k: str(v) for k, v in vars(args).items() if k != "child"}, "machine": machine_info(),
+           "macs": macs, "runs": runs, "table": table}  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     return res

@@ -152,7 +152,7 @@ def measure(name: str, size: int, args, sw: bool = True) -> dict:
 
 def _child(name: str, size: int, args, sw: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--sizes", str(size)]
-    for key in ("device", "dtype", "batch", "warmup", "repeats", "sw_repeats", "threads"):
+    for key in ("device", "dtype", "batch", "warmup", "repeats", "sw_repeats", "threads", "cpu_allocator"):
         val = getattr(args, key)
         if val is not None:
             cmd += [f"--{key.replace('_', '-')}", str(val)]
@@ -467,6 +467,11 @@ def main(argv=None):
     p.add_argument("--sw-sizes", type=int, nargs="+", default=None, help="sliding window at these sizes only")
     p.add_argument("--macs-only", action="store_true", help="parameters and MACs only (no timing)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--cpu-allocator", choices=("system", "caching"), default="system",
+        help="CPU memory allocator of every model: PyTorch's (the tables of docs/benchmarks.md) or "
+        "mambaclinix.ops.cpu_allocator's caching one, as the mambaclinix command trains",
+    )  # fmt: skip
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune (slower first calls)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
@@ -475,6 +480,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_allocator == "caching" and args.device == "cpu":
+        from mambaclinix.ops.cpu_allocator import enable_cpu_caching_allocator
+
+        enable_cpu_caching_allocator(strict=True)
     if args.child:
         try:
             out = measure(args.child, args.sizes[0], args)
