@@ -168,7 +168,8 @@ struct CachingCPUAllocator final : public c10::Allocator {
   }
 };
 
-CachingCPUAllocator g_allocator;
+// Never destroyed, like the state: c10 keeps a pointer to it until the process ends.
+CachingCPUAllocator* const g_allocator = new CachingCPUAllocator();
 c10::Allocator* g_previous = nullptr;
 bool g_atfork_registered = false;
 
@@ -188,7 +189,7 @@ extern "C" {
 // Install as PyTorch's CPU allocator; returns 1 when it is now the one in use.
 int mcx_install(int priority) {
   c10::Allocator* current = c10::GetCPUAllocator();
-  if (current == &g_allocator) {
+  if (current == g_allocator) {
     return 1;
   }
   if (!g_atfork_registered) {
@@ -196,13 +197,13 @@ int mcx_install(int priority) {
     g_atfork_registered = true;
   }
   g_previous = current;
-  c10::SetCPUAllocator(&g_allocator, static_cast<uint8_t>(priority));
-  return c10::GetCPUAllocator() == &g_allocator ? 1 : 0;
+  c10::SetCPUAllocator(g_allocator, static_cast<uint8_t>(priority));
+  return c10::GetCPUAllocator() == g_allocator ? 1 : 0;
 }
 
 // Give the allocator in use before mcx_install back its place; blocks handed out stay valid.
 int mcx_uninstall(int priority) {
-  if (c10::GetCPUAllocator() != &g_allocator || g_previous == nullptr) {
+  if (c10::GetCPUAllocator() != g_allocator || g_previous == nullptr) {
     return 0;
   }
   c10::SetCPUAllocator(g_previous, static_cast<uint8_t>(priority));
@@ -216,7 +217,7 @@ int mcx_uninstall(int priority) {
 }
 
 int mcx_active() {
-  return c10::GetCPUAllocator() == &g_allocator ? 1 : 0;
+  return c10::GetCPUAllocator() == g_allocator ? 1 : 0;
 }
 
 void mcx_set_limit(uint64_t limit, double headroom) {
