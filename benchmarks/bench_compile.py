@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, median  # noqa: E402
+from _common import machine_info, median, sync  # noqa: E402
 
 from mambaclinix.models import create_model  # noqa: E402
 
@@ -39,6 +39,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
     p.add_argument("--mode", default=None, help="torch.compile mode")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (GPU recipes)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--cpu-allocator", choices=("caching", "system"), default="caching",
@@ -48,34 +50,40 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cpu_allocator == "caching":
+    device = torch.device(args.device)
+    if args.cpu_allocator == "caching" and device.type == "cpu":
         from mambaclinix.ops.cpu_allocator import enable_cpu_caching_allocator
 
         enable_cpu_caching_allocator(strict=True)
     torch.manual_seed(0)
-    model = create_model(args.model, deep_supervision=False)
-    x = torch.randn(args.batch, model.in_channels, *(args.size,) * 3)
-    y = torch.randint(0, model.out_channels, (args.batch, *(args.size,) * 3))
+    model = create_model(args.model, deep_supervision=False).to(device)
+    x = torch.randn(args.batch, model.in_channels, *(args.size,) * 3, device=device)
+    y = torch.randint(0, model.out_channels, (args.batch, *(args.size,) * 3), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-5, weight_decay=1e-5)
     compiled = torch.compile(model, backend=args.backend, mode=args.mode)
 
     def train(net):
         model.train()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(_logits(net(x)), y).backward()
+        with autocast:
+            loss = F.cross_entropy(_logits(net(x)).float(), y)
+        loss.backward()
         opt.step()
 
     def infer(net):
         model.eval()
-        with torch.inference_mode():
-            return _logits(net(x))
+        with torch.inference_mode(), autocast:
+            return _logits(net(x)).float()
 
     def timed(fn, net):
+        sync(device)
         t0 = time.perf_counter()
         out = fn(net)
+        sync(device)
         return time.perf_counter() - t0, out
 
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_info()}
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_info(device)}
     result["compile_s"] = {"train": timed(train, compiled)[0], "inference": timed(infer, compiled)[0]}
     times = {k: [] for k in ("train_eager", "train_compiled", "inference_eager", "inference_compiled")}
     for _ in range(args.rounds):
