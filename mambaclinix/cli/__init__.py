@@ -17,8 +17,8 @@ Errors a user can fix print one message and exit with status 1 (:mod:`mambaclini
 command; :func:`main` runs the same commands but lets every exception through (for Python callers).
 
 The commands that run networks first make :mod:`mambaclinix.ops.cpu_allocator`'s caching allocator
-PyTorch's CPU allocator for the process (about 2× faster CPU training at a 96³ patch, for some more
-resident memory; docs/benchmarks.md). ``MAMBACLINIX_CPU_ALLOCATOR=system`` keeps PyTorch's own.
+PyTorch's CPU allocator for the process (MambaClinix's CPU train step at a 96³ patch 1.87× faster, for
+8-12 % more resident memory; docs/benchmarks.md). ``MAMBACLINIX_CPU_ALLOCATOR=system`` keeps PyTorch's own.
 :func:`main` leaves the allocator of a Python caller's process alone.
 
 The LightningCLI's names (``lightning_cli``, ``MambaClinixCLI``, ``PARSER_DEFAULTS``, ...) stay importable
