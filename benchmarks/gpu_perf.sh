@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU performance checks of one session in one run (about 7 minutes on one H200), each under its own
+# The GPU performance checks of one session in one run (estimated 7 minutes on one H200), each under its own
 # timeout: MambaClinix's train step against PlainConvUNet per MAC (bf16 autocast, 128³, batch 2),
 # torch.compile of the paper preset against eager mode, the Triton scan's tile sweep against the copy
 # bandwidth and the other backends, and the loader's patches per second per worker on this machine's
