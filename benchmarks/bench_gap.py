@@ -112,11 +112,6 @@ def _child(variant: str, allocator: str, size: int, batch: int, steps: int, warm
     return {"macs": macs, "steps": rows}
 
 
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=96)
@@ -141,7 +136,7 @@ def main(argv=None) -> dict:
         print(json.dumps(_child(*args.child, args.size, args.batch, args.steps, args.warmup)))
         return {}
 
-    from _common import machine_info
+    from _common import machine_info, median
 
     pairs = [(v, a) for a in args.allocators for v in args.variants]
     runs: dict[str, list[dict]] = {f"{v}/{a}": [] for v, a in pairs}
@@ -161,21 +156,21 @@ def main(argv=None) -> dict:
     for key, rounds in runs.items():
         v, a = key.split("/")
         steps = [s for rnd in rounds for s in rnd]
-        row = {k: _median([s[k] for s in steps]) for k in steps[0]}
+        row = {k: median([s[k] for s in steps]) for k in steps[0]}
         row["peak_rss_mib"] = max(s["peak_rss_mib"] for s in steps)
         row["gflops"] = 6 * macs[v] / row["wall_s"] / 1e9
         base = f"nnunet_plain/{a}"
         if v != "conv3d" and base in runs:
             # each round's median step against the baseline's in the same round, then their median
-            ratios = [_median([s["wall_s"] for s in mine]) / _median([s["wall_s"] for s in theirs])
+            ratios = [median([s["wall_s"] for s in mine]) / median([s["wall_s"] for s in theirs])
                       for mine, theirs in zip(rounds, runs[base], strict=True)]  # fmt: skip
             mac_ratio = macs[v] / macs["nnunet_plain"]
-            row["train_ratio"] = _median(ratios)
+            row["train_ratio"] = median(ratios)
             row["ratio_range"] = (min(ratios), max(ratios))
             row["per_mac_ratio"] = row["train_ratio"] / mac_ratio
             cpu = [s["user_s"] + s["sys_s"] for s in steps]
             cpu_base = [s["user_s"] + s["sys_s"] for rnd in runs[base] for s in rnd]
-            row["per_mac_cpu_ratio"] = _median(cpu) / _median(cpu_base) / mac_ratio
+            row["per_mac_cpu_ratio"] = median(cpu) / median(cpu_base) / mac_ratio
         if f"{v}/system" in runs and a != "system":
             row["speedup_vs_system"] = table[f"{v}/system"]["wall_s"] / row["wall_s"]
         table[key] = row
